@@ -1,0 +1,34 @@
+# Style Factory. `make all-styles` runs the whole pipeline on the embedded default; `make test` runs the tests.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+CONFIG ?=
+STYLES ?=
+JOB_ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(STYLES),--style $(s))
+
+.PHONY: install all-styles curate train evaluate report test styles clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+all-styles: $(STAMP)  ## curate -> train -> evaluate -> report, every style (CONFIG=run.yaml STYLES="a b" to narrow)
+	$(PY) -m jobs.all_styles $(JOB_ARGS)
+
+curate train evaluate report: $(STAMP)  ## one stage alone
+	$(PY) -m jobs.$@ $(JOB_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+styles: $(STAMP)  ## regenerate the example styles from the procedural toy world
+	$(PY) scripts/make_example_styles.py --out styles
+
+clean:  ## remove run outputs (keeps the venv)
+	find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,61 @@
+"""StyleBoost / Multi-StyleBoost: full fine-tune of UNet (+ text encoder).
+
+StyleRef images are bound to the concept's rare token ("<caption>, zwx style"); Aux images to the
+class word alone ("<caption>, style"), as the prior term weighted by `prior_loss_weight`. Several
+concepts (tokens) per style are trained at once; each batch comes from one concept, as in the paper.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.config import StyleConfig, TrainConfig
+from pipeline.methods.base import Batch, Method, StyleData
+from pipeline.models import Components
+
+INSTANCE_PROMPT = "{caption}, {token} {class_word}"
+CLASS_PROMPT = "{caption}, {class_word}"
+
+
+class StyleBoost(Method):
+    name = "styleboost"
+
+    def check_data(self, data: StyleData, cfg: TrainConfig) -> None:
+        for concept in range(data.num_concepts):
+            if not len(data.indices("ref", concept)):
+                raise ValueError(f"concept {concept} has no StyleRef images")
+            if cfg.prior_loss_weight > 0 and not len(data.indices("aux", concept)):
+                raise ValueError(f"concept {concept} has no Aux images; StyleBoost needs them as its prior "
+                                 "(add images to the concept's aux folder, or set prior_loss_weight: 0)")
+
+    def prepare(self, models: Components, cfg: TrainConfig) -> list[dict]:
+        models.vae.requires_grad_(False)
+        models.unet.requires_grad_(True)
+        models.text_encoder.requires_grad_(cfg.train_text_encoder)
+        groups = [{"params": list(models.unet.parameters()), "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            groups.append({"params": list(models.text_encoder.parameters()),
+                           "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+        return groups
+
+    def trained_modules(self, cfg: TrainConfig) -> list[str]:
+        return ["unet", "text_encoder"] if cfg.train_text_encoder else ["unet"]
+
+    def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
+        concept = int(rng.integers(data.num_concepts))
+        ref = data.indices("ref", concept)
+        rows = rng.choice(ref, cfg.batch_size, replace=len(ref) < cfg.batch_size)
+        prompts = [INSTANCE_PROMPT.format(caption=data.captions[i], token=data.tokens[i],
+                                          class_word=data.class_words[i]) for i in rows]
+        weights = [1.0 / cfg.batch_size] * cfg.batch_size
+        aux = data.indices("aux", concept)
+        if cfg.prior_loss_weight > 0:
+            aux_rows = rng.choice(aux, cfg.batch_size, replace=len(aux) < cfg.batch_size)
+            rows = np.concatenate([rows, aux_rows])
+            prompts += [CLASS_PROMPT.format(caption=data.captions[i], class_word=data.class_words[i])
+                        for i in aux_rows]
+            weights += [cfg.prior_loss_weight / cfg.batch_size] * cfg.batch_size
+        return Batch(rows=rows, prompts=prompts, weights=torch.tensor(weights))
+
+    def eval_prompt(self, content: str, style: StyleConfig) -> str:
+        return ", ".join([content] + [f"{c.token} {c.class_word}" for c in style.concepts])

@@ -1,0 +1,123 @@
+"""Base models: a hub id or a local diffusers folder (real use), or the offline `tiny` preset.
+
+The tiny preset is a Stable-Diffusion-shaped pipeline (AutoencoderKL, UNet2DConditionModel,
+CLIPTextModel with the real CLIP tokenizer) built from small configs with a fixed seed, so every
+stage treats it exactly like SD1.5. It is written once as a diffusers folder and loaded from there,
+so all Ray workers see bitwise the same weights.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY = "tiny"
+TINY_VERSION = "tiny-v1"  # bump when the tiny configs change: cached folders are keyed by it
+CLIP_VOCAB_SIZE = 49408
+# SD1.x noise schedule, shared by the tiny preset so methods see the same timestep statistics.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def clip_tokenizer_files(out_dir: Path) -> Path:
+    """Write CLIP's vocab.json and merges.txt from the BPE file bundled with open_clip (no network)."""
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(open_clip.tokenizer.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The offline `tiny` preset: random weights from fixed configs and seed; 64 px images, 16x16 latents."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64), norm_num_groups=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = clip_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"),
+                                  pad_token="<|endoftext|>", model_max_length=77)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def resolve_base_model(base: str, cache_dir: str | Path) -> str:
+    """What `from_pretrained` should load: the tiny preset's folder (written once), a local folder or a hub id."""
+    if base != TINY:
+        return base
+    folder = Path(cache_dir) / TINY_VERSION
+    if not (folder / "model_index.json").is_file():
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir))
+        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, folder)  # atomic: concurrent writers race harmlessly, the loser's copy is dropped
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder.resolve())
+
+
+@dataclass
+class Components:
+    """The parts of a latent diffusion model that training touches."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    source: str
+
+
+def load_components(source: str) -> Components:
+    """Load from a local diffusers folder or a hub id (hub ids need the weights in the local HF cache offline)."""
+    try:
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True),
+            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+            source=source,
+        )
+    except OSError as err:
+        raise OSError(f"cannot load base model {source!r}: give a local diffusers folder, or a hub id whose "
+                      f"weights (safetensors) are in the local Hugging Face cache. ({err})") from err
+
+
+def load_pipeline(source: str, device: str = "cpu") -> StableDiffusionPipeline:
+    """A sampling pipeline with the DDIM scheduler, for any saved model folder or hub id."""
+    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
+                                                   use_safetensors=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,412 @@
+"""Static HTML report for one evaluated run: leaderboard, plots and sample grids.
+
+Reads what the evaluate stage leaves in `results/<run>/` and writes `report.html` there,
+with plot PNGs in `report_assets/`. Every image is referenced by a path relative to the
+report, so the run folder can be opened straight from disk, or copied elsewhere whole.
+
+    python -m pipeline.report results/<run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import matplotlib
+
+matplotlib.use("Agg")  # renders without a display (cluster nodes, CI)
+import matplotlib.pyplot as plt
+import pandas as pd
+
+BASE_METHOD = "base"
+REPORT_FILENAME = "report.html"
+ASSETS_DIRNAME = "report_assets"
+TINY_BACKBONE_WARNING = "metrics computed with tiny stand-in backbones: not comparable to published numbers"
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str
+    label: str
+    higher_is_better: bool
+    scale: float  # shown value = stored value * scale
+    decimals: int
+
+
+METRICS = (
+    Metric("kid", "KID ×10³", higher_is_better=False, scale=1000.0, decimals=2),
+    Metric("fid", "FID", higher_is_better=False, scale=1.0, decimals=2),
+    Metric("clip_t", "CLIP-T", higher_is_better=True, scale=1.0, decimals=3),
+    Metric("style_sim", "Style sim.", higher_is_better=True, scale=1.0, decimals=3),
+)
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
+       max-width: 1400px; margin: 1.5rem auto; padding: 0 1rem; line-height: 1.4; }
+h1 { margin-bottom: 0.2rem; }
+h2 { margin-top: 2.5rem; border-bottom: 2px solid #ddd; padding-bottom: 0.2rem; }
+h3 { margin: 0.5rem 0 0.2rem; }
+code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
+.muted { color: #666; }
+.banner { background: #b00020; color: #fff; font-weight: bold; font-size: 1.1rem;
+          padding: 0.8rem 1rem; border-radius: 4px; margin: 1rem 0; }
+table.metrics { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; }
+table.metrics th, table.metrics td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; }
+table.metrics th { background: #f5f5f5; text-align: left; }
+table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.metrics td.best { background: #d4f4dc; font-weight: bold; }
+table.metrics tr.first-of-style td { border-top: 2px solid #999; }
+.plots { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+.refs { display: flex; flex-wrap: wrap; gap: 4px; }
+.grids { display: flex; flex-wrap: wrap; gap: 2rem; align-items: flex-start; }
+table.grid { border-collapse: collapse; }
+table.grid td { padding: 2px; }
+table.grid th { font-weight: normal; font-size: 0.8rem; color: #555; }
+table.grid th.prompt { text-align: left; max-width: 11em; padding-right: 0.5rem; }
+img.thumb, .missing { width: 128px; height: 128px; display: block; }
+img.thumb { image-rendering: pixelated; }
+.missing { background: #eee; color: #999; font-size: 0.8rem;
+           display: flex; align-items: center; justify-content: center; }
+pre { white-space: pre-wrap; font-size: 0.8rem; background: #f7f7f7; padding: 0.5rem; }
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.html` (and plots in `report_assets/`) into a run folder; return its path."""
+    run_dir = Path(run_dir)
+    results = pd.read_parquet(run_dir / "results.parquet")
+    if results.empty:
+        raise ValueError(f"{run_dir / 'results.parquet'} has no rows: nothing to report")
+    results = order_rows(results)
+    prompts = json.loads((run_dir / "samples" / "prompts.json").read_text())
+
+    assets_dir = run_dir / ASSETS_DIRNAME
+    assets_dir.mkdir(exist_ok=True)
+    colors = method_colors(results)
+    plots = [
+        plot_alignment_scatter(results, colors, assets_dir / "clip_t_vs_style_sim.png"),
+        plot_kid_bars(results, colors, assets_dir / "kid_by_style.png"),
+        plot_loss_curves(run_dir, results, colors, assets_dir / "loss.png"),
+    ]
+    plot_tags = [img_tag(relative_src(run_dir, path), path.stem, "plot") for path in plots if path is not None]
+
+    styles = list(pd.unique(results["style"]))
+    anchors = {style: f"style-{i}" for i, style in enumerate(styles)}
+    body = [
+        header_html(results, prompts),
+        "<h2>Leaderboard</h2>",
+        '<p class="muted">Lower is better for KID and FID, higher for CLIP-T and style similarity; '
+        "the best value per style is highlighted.</p>",
+        metrics_table(results, style_anchors=anchors, table_id="leaderboard"),
+        "<h2>Plots</h2>",
+        '<div class="plots">' + "".join(plot_tags) + "</div>",
+        "<h2>Styles</h2>",
+        "<ul>"
+        + "".join(f'<li><a href="#{anchors[style]}">{esc(style)}</a></li>' for style in styles)
+        + "</ul>",
+    ]
+    for style in styles:
+        body.append(style_section(run_dir, results[results["style"] == style], prompts, anchor=anchors[style]))
+
+    run_id = distinct_text(results["run_id"])
+    page = (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>Style Factory report: {esc(run_id)}</title>\n"
+        f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+    report_path = run_dir / REPORT_FILENAME
+    report_path.write_text(page, encoding="utf-8")
+    return report_path
+
+
+# ---------------------------------------------------------------------------------------
+# Data helpers
+
+
+def order_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Styles in order of first appearance; within a style, base first, then methods as they appear."""
+    style_rank = {style: i for i, style in enumerate(pd.unique(results["style"]))}
+    method_rank = {method: i for i, method in enumerate(pd.unique(results["method"]))}
+    method_rank[BASE_METHOD] = -1
+    order = sorted(
+        range(len(results)),
+        key=lambda i: (style_rank[results["style"].iat[i]], method_rank[results["method"].iat[i]]),
+    )
+    return results.iloc[order].reset_index(drop=True)
+
+
+def is_finite(value: object) -> bool:
+    return value is not None and not pd.isna(value) and math.isfinite(float(value))
+
+
+def best_values(style_rows: pd.DataFrame) -> dict[str, float]:
+    """Best value of each metric within one style; only where there is something to compare."""
+    best = {}
+    for metric in METRICS:
+        values = [float(v) for v in style_rows[metric.column] if is_finite(v)]
+        if len(values) >= 2:
+            best[metric.column] = max(values) if metric.higher_is_better else min(values)
+    return best
+
+
+def format_metric(row: pd.Series, metric: Metric) -> str:
+    value = row[metric.column]
+    if not is_finite(value):
+        return "n/a"
+    text = f"{float(value) * metric.scale:.{metric.decimals}f}"
+    if metric.column == "kid" and is_finite(row["kid_std"]):
+        text += f" ± {float(row['kid_std']) * metric.scale:.{metric.decimals}f}"
+    return text
+
+
+def distinct_text(series: pd.Series) -> str:
+    return ", ".join(str(value) for value in pd.unique(series))
+
+
+def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank line, or the partial last line of an interrupted run
+        if "step" in record and "loss" in record and is_finite(record["loss"]):
+            steps.append(int(record["step"]))
+            losses.append(float(record["loss"]))
+    return steps, losses
+
+
+# ---------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def relative_src(run_dir: Path, path: Path) -> str:
+    """Path of `path` as seen from the report (which lives in `run_dir`), with forward slashes."""
+    return Path(os.path.relpath(path, run_dir)).as_posix()
+
+
+def img_tag(src: str, alt: str, css_class: str) -> str:
+    return f'<img class="{css_class}" src="{esc(quote(src))}" alt="{esc(alt)}" title="{esc(alt)}">'
+
+
+def header_html(results: pd.DataFrame, prompts: list[dict]) -> str:
+    run_id = distinct_text(results["run_id"])
+    seeds = sorted({int(seed) for row_seeds in results["seeds"] for seed in row_seeds})
+    lines = [
+        f"<h1>Style Factory report: {esc(run_id)}</h1>",
+        f'<p class="muted">Base model <code>{esc(distinct_text(results["base_model"]))}</code>'
+        f" · evaluated {esc(results['created_at'].max())}"
+        f" · config <code>{esc(distinct_text(results['config_hash']))}</code></p>",
+    ]
+    # Unknown (null) counts as not real: the banner should err on the loud side.
+    if not results["backbones_real"].fillna(False).astype(bool).all():
+        lines.append(f'<div class="banner">⚠ {esc(TINY_BACKBONE_WARNING)}</div>')
+    lines += [
+        "<h2>Protocol</h2>",
+        "<ul>",
+        f"<li>{len(prompts)} content prompts × {len(seeds)} seeds ({esc(', '.join(map(str, seeds)))})"
+        f" → {esc(distinct_text(results['n_images']))} images per model</li>",
+        f"<li>Reference: {esc(distinct_text(results['n_reference']))} StyleRef images per style</li>",
+        f"<li>{len(pd.unique(results['style']))} styles, methods: {esc(distinct_text(results['method']))}</li>",
+        f"<li>Backbones: Inception <code>{esc(distinct_text(results['inception_backbone']))}</code>,"
+        f" CLIP <code>{esc(distinct_text(results['clip_backbone']))}</code></li>",
+        "<li>CLIP-T: image-text cosine against the prompt without the style token;"
+        " style similarity: CLIP image-image cosine to the StyleRef images</li>",
+        "</ul>",
+        "<details><summary>Package versions</summary>"
+        f"<pre>{esc(distinct_text(results['versions']))}</pre></details>",
+    ]
+    return "\n".join(lines)
+
+
+def metrics_table(rows: pd.DataFrame, style_anchors: dict[str, str] | None = None, table_id: str = "") -> str:
+    """Metric table with one row per (style, method); the best value per style highlighted.
+
+    With `style_anchors` (style -> section id) it gets a Style column linking to each style's section.
+    """
+    show_style = style_anchors is not None
+    headers = (["Style"] if show_style else []) + ["Method"] + [m.label for m in METRICS] + ["Images"]
+    best_by_style = {style: best_values(style_rows) for style, style_rows in rows.groupby("style", sort=False)}
+
+    body = []
+    previous_style = None
+    for _, row in rows.iterrows():
+        best = best_by_style[row["style"]]
+        cells = []
+        if show_style:
+            cells.append(f'<td><a href="#{style_anchors[row["style"]]}">{esc(row["style"])}</a></td>')
+        cells.append(f"<td>{esc(row['method'])}</td>")
+        for metric in METRICS:
+            is_best = metric.column in best and is_finite(row[metric.column]) and row[metric.column] == best[metric.column]
+            css_class = "num best" if is_best else "num"
+            cells.append(f'<td class="{css_class}">{esc(format_metric(row, metric))}</td>')
+        cells.append(f'<td class="num">{esc(row["n_images"])}</td>')
+        row_class = ' class="first-of-style"' if show_style and row["style"] != previous_style else ""
+        body.append(f"<tr{row_class}>" + "".join(cells) + "</tr>")
+        previous_style = row["style"]
+
+    id_attr = f' id="{esc(table_id)}"' if table_id else ""
+    return (
+        f'<table class="metrics"{id_attr}>'
+        "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>"
+        "<tbody>" + "".join(body) + "</tbody></table>"
+    )
+
+
+def style_section(run_dir: Path, style_rows: pd.DataFrame, prompts: list[dict], anchor: str) -> str:
+    first = style_rows.iloc[0]
+    ref_paths = sorted((run_dir / "samples" / first["style"] / "ref").glob("*.png"))
+    if ref_paths:
+        refs = "".join(img_tag(relative_src(run_dir, path), path.name, "thumb") for path in ref_paths)
+    else:
+        refs = '<span class="muted">no StyleRef images found</span>'
+    grids = "".join(sample_grid(run_dir, row, prompts) for _, row in style_rows.iterrows())
+    return (
+        f'<section id="{anchor}">'
+        f"<h2>{esc(first['display_name'])} <code>{esc(first['style'])}</code></h2>"
+        f"{metrics_table(style_rows)}"
+        f"<h3>StyleRef images ({len(ref_paths)})</h3>"
+        f'<div class="refs">{refs}</div>'
+        "<h3>Samples</h3>"
+        '<p class="muted">Rows are content prompts, columns are seeds; the same prompts and seeds for every method.</p>'
+        f'<div class="grids">{grids}</div>'
+        "</section>"
+    )
+
+
+def sample_grid(run_dir: Path, row: pd.Series, prompts: list[dict]) -> str:
+    """One method's samples: a row per content prompt, a column per seed."""
+    samples_dir = run_dir / row["samples_dir"]
+    seeds = [int(seed) for seed in row["seeds"]]
+    header = "<tr><th></th>" + "".join(f"<th>seed {seed}</th>" for seed in seeds) + "</tr>"
+    body = []
+    for prompt in prompts:
+        cells = []
+        for seed in seeds:
+            path = samples_dir / f"p{int(prompt['index']):03d}_s{seed}.png"
+            if path.is_file():
+                alt = f"{row['method']}: {prompt['content']} (seed {seed})"
+                cells.append(f"<td>{img_tag(relative_src(run_dir, path), alt, 'thumb')}</td>")
+            else:
+                cells.append('<td><div class="missing">missing</div></td>')
+        body.append(f'<tr><th class="prompt">{esc(prompt["content"])}</th>' + "".join(cells) + "</tr>")
+    tokens = f" · tokens <code>{esc(row['tokens'])}</code>" if row["tokens"] else ""
+    return (
+        "<div>"
+        f"<h3>{esc(row['method'])}</h3>"
+        f'<p class="muted">prompt <code>{esc(row["prompt"])}</code>{tokens}</p>'
+        f'<table class="grid">{header}{"".join(body)}</table>'
+        "</div>"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+
+
+def method_colors(results: pd.DataFrame) -> dict[str, tuple]:
+    """One colour per method, shared by every plot."""
+    palette = plt.get_cmap("tab10").colors
+    return {method: palette[i % len(palette)] for i, method in enumerate(pd.unique(results["method"]))}
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_alignment_scatter(results: pd.DataFrame, colors: dict[str, tuple], path: Path) -> Path | None:
+    """Text alignment (CLIP-T) against style similarity: tuning should move points up without moving left."""
+    points = results[results["clip_t"].map(is_finite) & results["style_sim"].map(is_finite)]
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, method_points in points.groupby("method", sort=False):
+        ax.scatter(method_points["clip_t"], method_points["style_sim"], color=colors[method], label=method, s=40)
+        for _, row in method_points.iterrows():
+            ax.annotate(row["style"], (row["clip_t"], row["style_sim"]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=8)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6))
+    ax.set_xlabel("CLIP-T (text alignment) →")
+    ax.set_ylabel("Style similarity →")
+    ax.set_title("Text alignment vs style similarity")
+    ax.legend(title="method")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_kid_bars(results: pd.DataFrame, colors: dict[str, tuple], path: Path) -> Path | None:
+    """KID per style, one bar per method, with the KID standard deviation as error bar when known."""
+    if not results["kid"].map(is_finite).any():
+        return None
+    styles = list(pd.unique(results["style"]))
+    methods = list(colors)
+    bar_width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(styles)), 4))
+    for j, method in enumerate(methods):
+        rows = results[(results["method"] == method) & results["kid"].map(is_finite)]
+        x = [styles.index(style) + (j - (len(methods) - 1) / 2) * bar_width for style in rows["style"]]
+        heights = rows["kid"] * 1000
+        errors = [std * 1000 if is_finite(std) else math.nan for std in rows["kid_std"]]  # NaN: no error bar
+        ax.bar(x, heights, bar_width, yerr=errors, capsize=3, color=colors[method], label=method)
+    ax.set_xticks(range(len(styles)))
+    ax.set_xticklabels(styles, rotation=30 if len(styles) > 4 else 0, ha="right" if len(styles) > 4 else "center")
+    ax.set_ylabel("KID ×10³ (lower is better)")
+    ax.set_title("KID to StyleRef images per style")
+    ax.legend(title="method")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_loss_curves(run_dir: Path, results: pd.DataFrame, colors: dict[str, tuple], path: Path) -> Path | None:
+    """Training loss per style (one panel each), raw and smoothed, for the runs that left a log."""
+    curves: dict[str, list[tuple[str, list[int], list[float]]]] = {}
+    for _, row in results.iterrows():
+        log_path = run_dir / "logs" / row["style"] / row["method"] / "train_log.jsonl"
+        if log_path.is_file():
+            steps, losses = read_loss_log(log_path)
+            if steps:
+                curves.setdefault(row["style"], []).append((row["method"], steps, losses))
+    if not curves:
+        return None
+    n_cols = min(3, len(curves))
+    n_rows = math.ceil(len(curves) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.2 * n_rows), squeeze=False)
+    for ax, (style, style_curves) in zip(axes.flat, curves.items()):
+        for method, steps, losses in style_curves:
+            # Diffusion losses are very noisy: a rolling mean shows the trend.
+            smoothed = pd.Series(losses).rolling(max(1, len(losses) // 20), min_periods=1).mean()
+            ax.plot(steps, losses, color=colors[method], alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smoothed, color=colors[method], label=method)
+        ax.set_title(style)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_visible(False)
+    return save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write report.html for an evaluated run folder.")
+    parser.add_argument("run_dir", type=Path, help="results/<run> folder holding results.parquet")
+    print(write_report(parser.parse_args().run_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Train: one Ray Train run per (style, method), fanned out concurrently; one loop shared by every method.
+
+A run's checkpoints live under `<run>/ray_train/<style>-<method>-<key>/`; rerunning the same job
+resumes from the last one. The finished model is exported to `<run>/models/<style>/<method>/` as a
+diffusers folder, with `model_card.json` recording the key that decides whether it is up to date.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import StyleConfig, TrainConfig
+from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_text_atomic
+from pipeline.methods import Batch, Method, StyleData, get_method
+from pipeline.models import Components, load_components, resolve_base_model
+from pipeline.run import Run
+
+
+@dataclass
+class TrainJob:
+    """Everything one (style, method) training run needs; plain data so it travels to Ray workers."""
+
+    style: str
+    method: str
+    key: str  # hash of inputs, config and code: decides reuse
+    base_model: str  # a folder or hub id loadable by from_pretrained
+    curated_path: str
+    model_dir: str
+    log_path: str
+    storage_path: str  # Ray Train checkpoints
+    style_config: dict
+    train: dict
+
+    @property
+    def trainer_name(self) -> str:
+        return f"{self.style}-{self.method}-{self.key[:12]}"
+
+    def is_done(self) -> bool:
+        card = Path(self.model_dir) / "model_card.json"
+        return card.is_file() and json.loads(card.read_text()).get("key") == self.key
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared loop (runs on each Ray Train worker)
+# ---------------------------------------------------------------------------------------------
+
+def encode_latent_cache(vae, pixels: torch.Tensor, flips: bool, batch_size: int = 32) -> torch.Tensor:
+    """Mean and std of the VAE posterior per image, for both flips: the VAE never runs again while training.
+
+    Sampling mean + std * noise from this cache is distributed exactly like a fresh `encode().sample()`.
+    Returns (2 if flips else 1, N, 2, C, h, w).
+    """
+    views = [pixels, pixels.flip(-1)] if flips else [pixels]
+    cache = []
+    with torch.no_grad():
+        for view in views:
+            parts = []
+            for start in range(0, len(view), batch_size):
+                dist = vae.encode(view[start:start + batch_size].to(vae.device, vae.dtype)).latent_dist
+                parts.append(torch.stack([dist.mean, dist.std], dim=1).float().cpu())
+            cache.append(torch.cat(parts))
+    return torch.stack(cache)
+
+
+def sample_latents(cache: torch.Tensor, rows: np.ndarray, flip: np.ndarray, scaling: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    picked = cache[torch.as_tensor(flip.astype(np.int64)), torch.as_tensor(rows)]
+    mean, std = picked[:, 0], picked[:, 1]
+    return (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon or v targets."""
+    alphas = scheduler.alphas_cumprod[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def encode_prompts(models: Components, prompts: list[str], device: torch.device) -> torch.Tensor:
+    ids = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids.to(device)
+    return models.text_encoder(ids)[0]
+
+
+def denoising_loss(models: Components, method: Method, latents: torch.Tensor, text: torch.Tensor,
+                   weights: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The diffusion loss every method shares: sum_i weights_i * ||target_i - prediction_i||^2."""
+    scheduler = models.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = method.sample_timesteps(len(latents), models, generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    prediction = models.unet(noisy, timesteps, text).sample
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps.cpu(), cfg.snr_gamma,
+                                                  cfg.prediction_type).to(per_sample.device)
+    return (per_sample * weights.to(per_sample.device)).sum()
+
+
+def training_step(models: Components, method: Method, batch: Batch, cache: torch.Tensor, cfg: TrainConfig,
+                  generator: torch.Generator, flip: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    latents = sample_latents(cache, batch.rows, flip, models.vae.config.scaling_factor, generator).to(device)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
+    with autocast:
+        text = encode_prompts(models, batch.prompts, device)
+        losses = {"denoising": denoising_loss(models, method, latents, text, batch.weights, cfg, generator)}
+        losses.update(method.extra_losses(models, batch))
+    return losses
+
+
+def step_generator(seed: int, step: int, rank: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Randomness is a function of (seed, step, rank), so a resumed run draws what the uninterrupted one would."""
+    rng = np.random.default_rng([seed, step, rank])
+    return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def save_checkpoint(folder: Path, models: Components, modules: list[str], optimizer, step: int,
+                    losses: list[float]) -> None:
+    for name in modules:
+        module = getattr(models, name)
+        module = module.module if hasattr(module, "module") else module  # DDP wraps the trained modules
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(state, folder / f"{name}.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    (folder / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+
+
+def load_trained_weights(models: Components, modules: list[str], folder: Path) -> None:
+    for name in modules:
+        getattr(models, name).load_state_dict(load_file(folder / f"{name}.safetensors"))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: the loop every method shares."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJob(**config)
+    cfg = TrainConfig.model_validate(job.train)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+
+    models = load_components(job.base_model)
+    method = get_method(job.method)
+    param_groups = method.prepare(models, cfg)
+    modules = method.trained_modules(cfg)
+    data = StyleData.load(Path(job.curated_path))
+    for part in (models.vae, models.text_encoder, models.unet):
+        part.to(device)
+    cache = encode_latent_cache(models.vae, data.pixels, cfg.random_flip)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+
+    step, losses = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            load_trained_weights(models, modules, Path(folder))
+            optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
+            state = json.loads((Path(folder) / "state.json").read_text())
+            step, losses = state["step"], state["losses"]
+    for name in modules:  # data parallel across this style's workers (no-op for one worker)
+        setattr(models, name, ray.train.torch.prepare_model(getattr(models, name)))
+    trainable = [p for group in param_groups for p in group["params"]]
+
+    while step < cfg.max_steps:
+        rng, generator = step_generator(cfg.seed, step, rank)
+        batch = method.sample_batch(data, cfg, rng)
+        flip = rng.random(len(batch.rows)) < 0.5 if cfg.random_flip else np.zeros(len(batch.rows), bool)
+        parts = training_step(models, method, batch, cache, cfg, generator, flip, device)
+        loss = sum(parts.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{job.style}/{job.method}: loss is {loss.item()} at step {step}; "
+                                     "lower train.learning_rate or use mixed_precision: 'no'")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        step += 1
+        losses.append(round(float(loss.detach()), 6))
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            metrics = {"step": step, "loss": losses[-1]}
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    save_checkpoint(Path(tmp), models, modules, optimizer, step, losses)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fan-out (driver side)
+# ---------------------------------------------------------------------------------------------
+
+def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
+    """Write the trained model as a diffusers folder (atomically) plus its card and loss log."""
+    from pipeline.models import load_pipeline
+
+    cfg = TrainConfig.model_validate(job.train)
+    method = get_method(job.method)
+    pipe = load_pipeline(job.base_model)
+    models = Components(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
+                        noise_scheduler=None, source=job.base_model)
+    load_trained_weights(models, method.trained_modules(cfg), checkpoint_dir)
+    state = json.loads((checkpoint_dir / "state.json").read_text())
+    style = StyleConfig.model_validate(job.style_config)
+    card = {"key": job.key, "style": job.style, "method": job.method, "base_model": job.base_model,
+            "tokens": style.tokens, "steps": state["step"], "final_loss": state["losses"][-1],
+            "train": cfg.model_dump(), "data": Path(job.curated_path).name,
+            "eval_prompt_example": method.eval_prompt("a red circle on a blue background", style)}
+    Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    write_json_atomic(tmp / "model_card.json", card)
+    replace_dir_atomic(tmp, Path(job.model_dir))
+    log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(state["losses"]))
+    write_text_atomic(Path(job.log_path), log)
+    return card
+
+
+@ray.remote(num_cpus=0)
+def fit_style(job: TrainJob) -> dict:
+    """Train one (style, method) with Ray Train, resuming from its checkpoints, then export it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = TrainConfig.model_validate(job.train)
+    started = time.time()
+    get_method(job.method).check_data(StyleData.load(Path(job.curated_path)), cfg)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(job),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=job.trainer_name, storage_path=job.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        card = export_model(job, Path(folder))
+    return {**card, "seconds": round(time.time() - started, 1)}
+
+
+def plan_training(run: Run) -> list[TrainJob]:
+    """One job per live style and method, keyed by its curated data, settings, base model and code."""
+    base = resolve_base_model(run.config.model.base, run.base_models_dir)
+    jobs = []
+    for style in run.live_styles():
+        curated = run.curated(style.name)
+        marker = curated.with_suffix(".json")
+        data_key = json.loads(marker.read_text())["key"] if marker.is_file() else "missing"
+        cfg = style.train_config(run.config)
+        for method in style.methods(run.config):
+            jobs.append(TrainJob(
+                style=style.name, method=method, base_model=base, curated_path=str(curated),
+                key=sha256_of(data_key, method, cfg.model_dump(), base, code_version("train.py", "methods", "models.py")),
+                model_dir=str(run.model_dir(style.name, method)), log_path=str(run.train_log(style.name, method)),
+                storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(), train=cfg.model_dump()))
+    return jobs
+
+
+def train_all(jobs: list[TrainJob]) -> dict[tuple[str, str], dict]:
+    """Fan out every job not already done; a failing style never stops the others."""
+    outcomes: dict[tuple[str, str], dict] = {}
+    pending = {}
+    for job in jobs:
+        if job.is_done():
+            outcomes[(job.style, job.method)] = {"status": "reused", "model_dir": job.model_dir}
+        else:
+            pending[fit_style.remote(job)] = job
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(done[0])
+        try:
+            card = ray.get(done[0])
+            outcomes[(job.style, job.method)] = {"status": "trained", "model_dir": job.model_dir, **card}
+            print(f"[train] {job.style}/{job.method}: {card['steps']} steps, final loss {card['final_loss']:.4f}, "
+                  f"{card['seconds']} s", flush=True)
+        except Exception as err:  # noqa: BLE001 - report the failure and keep the other styles going
+            outcomes[(job.style, job.method)] = {"status": "failed", "error": _explain(err, job)}
+            print(f"[train] {job.style}/{job.method} FAILED: {outcomes[(job.style, job.method)]['error']}",
+                  flush=True)
+    return outcomes
+
+
+def _explain(err: Exception, job: TrainJob) -> str:
+    text = str(err).strip().splitlines()
+    message = text[-1] if text else type(err).__name__
+    if "out of memory" in str(err).lower():
+        message += (f" -- style {job.style!r} ran out of GPU memory: lower train.batch_size, set "
+                    "mixed_precision: bf16, or raise gpus_per_worker")
+    return message
+
+
+def train_styles(run: Run) -> dict[tuple[str, str], str]:
+    """Train (or reuse) every live style x method; returns {(style, method): model folder} of the usable ones."""
+    outcomes = train_all(plan_training(run))
+    trained = {}
+    for (style, method), outcome in outcomes.items():
+        run.record(style, f"train:{method}", "ok" if outcome["status"] == "trained" else
+                   outcome["status"] if outcome["status"] == "reused" else outcome["error"])
+        if outcome["status"] in ("trained", "reused"):
+            trained[(style, method)] = outcome["model_dir"]
+    return trained
+
+
+def finished_models(run: Run) -> dict[tuple[str, str], str]:
+    """The up-to-date trained models of the live styles, without training anything."""
+    trained = {}
+    for job in plan_training(run):
+        if job.is_done():
+            trained[(job.style, job.method)] = job.model_dir
+        else:
+            run.record(job.style, f"train:{job.method}", "not trained yet (run jobs.train)")
+    return trained

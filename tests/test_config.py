@@ -1,0 +1,84 @@
+"""Config validation: every mistake fails before compute, naming the file, the field and what is expected."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, RunConfig, TrainConfig, load_run_config, load_style, load_styles
+from tests.conftest import REPO, make_style
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_example_styles_and_configs_are_valid():
+    run = RunConfig()
+    styles = load_styles(run.model_copy(update={"styles_dir": str(REPO / "styles")}))
+    assert {s.name for s in styles} == {"realism", "anime", "romanticism", "cubism", "pixel-art", "watercolor"}
+    assert any(len(s.config.concepts) > 1 for s in styles)  # a Multi-StyleBoost example
+    assert load_run_config(REPO / "configs" / "tiny-demo.yaml") == RunConfig()
+    assert load_run_config(REPO / "configs" / "sd15-gpu.yaml").model.base == "runwayml/stable-diffusion-v1-5"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train: {max_steps: [1, 2", "malformed YAML"),
+    ("train: {max_stpes: 10}", "train.max_stpes: unknown field (misspelled?)"),
+    ("train: {max_steps: ten}", "train.max_steps"),
+    ("train: {learning_rate: -1}", "train.learning_rate: Input should be greater than 0"),
+    ("model: {resolution: 100}", "model.resolution: Input should be a multiple of 8"),
+    ("name: '../escape'", "name: Value error, must be a safe directory name"),
+    ("methods: [dreambooth2]", "methods.0"),
+    ("- just\n- a list", "expected a mapping"),
+    ("model: {base: /does/not/exist}", "model.base: local diffusers folder /does/not/exist does not exist"),
+])
+def test_run_config_errors_name_file_and_field(tmp_path, text, expected):
+    path = write(tmp_path / "run.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_missing_run_config_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="run config not found"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"concepts": []}, "concepts: List should have at least 1 item"),
+    ({"concepts": [{"token": "two words", "class_word": "style"}]}, "concepts.0.token"),
+    ({"concepts": [{"token": "zwx", "class_word": "style", "ref": "../../etc"}]}, "leaves the style folder"),
+    ({"concepts": [{"token": "zwx", "class_word": "style", "ref": "missing"}]}, "concepts.0.ref: folder"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+    ({"train": {"max_stpes": 3}}, "max_stpes"),
+    ({"colour": "red"}, "colour: unknown field"),
+    ({"method": "textinversion"}, "method: Input should be 'styleboost'"),
+])
+def test_style_config_errors(tmp_path, change, expected):
+    style = make_style(tmp_path, "mystyle", "zwx")
+    config = yaml.safe_load((style / "style.yaml").read_text())
+    config.update(change)
+    (style / "style.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        load_style(style)
+    assert str(style / "style.yaml") in str(err.value) and expected in str(err.value)
+
+
+def test_unsafe_style_folder_name_and_token_collisions(tmp_path):
+    make_style(tmp_path, "Bad Name", "abc")
+    with pytest.raises(ConfigError, match="not a safe name"):
+        load_style(tmp_path / "Bad Name")
+    root = tmp_path / "styles"
+    make_style(root, "one", "zwx")
+    make_style(root, "two", "zwx")
+    with pytest.raises(ConfigError, match="token 'zwx' is also used by style 'one'"):
+        load_styles(RunConfig(styles_dir=str(root)))
+    with pytest.raises(ConfigError, match=r"no style folder with a style.yaml for \['three'\]"):
+        load_styles(RunConfig(styles_dir=str(root)), ["three"])
+
+
+def test_style_train_overrides_merge_over_the_run(tmp_path):
+    style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7}))
+    merged = style.train_config(RunConfig(train=TrainConfig(batch_size=3)))
+    assert (merged.max_steps, merged.batch_size) == (7, 3)

@@ -1,0 +1,228 @@
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from safetensors.torch import save_file
+
+from pipeline import backbones, metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def gaussian_features(seed: int, n: int = 200, dim: int = 16, shift: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(loc=shift, size=(n, dim))
+
+
+def sample_images(count: int = 6) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (48, 80), (100, 70)]  # non-square too: both backbones must resize
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(*sizes[i % 3], 3), dtype=np.uint8)) for i in range(count)
+    ]
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    feats = gaussian_features(seed=0)
+    assert abs(metrics.fid(feats, feats)) < 1e-6
+
+
+def test_fid_of_a_shifted_set_is_the_squared_shift():
+    # same covariance, means differ by `shift`: FID = |shift|^2 exactly
+    feats = gaussian_features(seed=0)
+    shift = np.linspace(0.1, 1.0, feats.shape[1])
+    assert metrics.fid(feats, feats + shift) == pytest.approx(np.sum(shift**2), rel=1e-6)
+    assert metrics.fid(feats, feats + 2 * shift) > metrics.fid(feats, feats + shift)
+
+
+def test_fid_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metrics.fid(np.zeros((1, 4)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="dims differ"):
+        metrics.fid(np.zeros((5, 4)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="2-D"):
+        metrics.fid(np.zeros(5), np.zeros(5))
+
+
+# ----------------------------------------------------------------------------- KID
+
+
+def test_kid_is_reproducible_for_a_seed():
+    feats_a, feats_b = gaussian_features(seed=1, n=300), gaussian_features(seed=2, n=300)
+    # subsets of 100 out of 300: the draws depend on the seed
+    first = metrics.kid(feats_a, feats_b, seed=7, max_subset_size=100)
+    again = metrics.kid(feats_a, feats_b, seed=7, max_subset_size=100)
+    other_seed = metrics.kid(feats_a, feats_b, seed=8, max_subset_size=100)
+    assert first == again
+    assert first != other_seed
+
+
+def test_kid_with_whole_set_subsets_equals_the_unbiased_reference():
+    feats_a, feats_b = gaussian_features(seed=1, n=120), gaussian_features(seed=2, n=120, shift=0.3)
+    subset_kid = metrics.kid(feats_a, feats_b, num_subsets=10, max_subset_size=1000)
+    assert subset_kid == pytest.approx(metrics.kid_unbiased(feats_a, feats_b), abs=1e-9)
+
+
+def test_kid_leaves_the_global_numpy_rng_untouched():
+    np.random.seed(123)
+    state_before = np.random.get_state()
+    metrics.kid(gaussian_features(seed=1), gaussian_features(seed=2), seed=5)
+    state_after = np.random.get_state()
+    assert state_before[0] == state_after[0]
+    assert np.array_equal(state_before[1], state_after[1])
+    assert state_before[2:] == state_after[2:]
+
+
+def test_kid_is_near_zero_for_one_distribution_and_large_for_shifted_ones():
+    reference = gaussian_features(seed=1, n=300)
+    same = metrics.kid(reference, gaussian_features(seed=2, n=300))
+    shifted = metrics.kid(reference, gaussian_features(seed=3, n=300, shift=0.5))
+    assert abs(same) < 0.02  # -0.007 here: sampling noise of 300 vs 300 in 16-d
+    assert shifted > 0.5  # 1.05 here
+    assert shifted > 50 * abs(same)
+
+
+# ----------------------------------------------------------------------------- CLIP scores
+
+
+def test_clip_text_alignment_on_hand_made_vectors():
+    image_emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    text_emb = np.array([[1.0, 0.0], [1.0, 0.0], [np.sqrt(0.5), np.sqrt(0.5)]])
+    # cosines of the pairs: 1, 0, sqrt(0.5)
+    assert metrics.clip_text_alignment(image_emb, text_emb) == pytest.approx((1 + 0 + np.sqrt(0.5)) / 3, abs=1e-12)
+    with pytest.raises(ValueError, match="one text per image"):
+        metrics.clip_text_alignment(image_emb, text_emb[:2])
+
+
+def test_style_similarity_on_hand_made_vectors():
+    gen_emb = np.array([[1.0, 0.0], [0.0, 1.0]])
+    ref_emb = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # gen 0 to refs: 1, 0, -1 -> mean 0; gen 1 to refs: 0, 1, 0 -> mean 1/3
+    assert metrics.style_similarity(gen_emb, ref_emb) == pytest.approx((0 + 1 / 3) / 2, abs=1e-12)
+    assert metrics.style_similarity(ref_emb[:1], ref_emb[:1]) == pytest.approx(1.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- tiny backbones
+
+
+def tiny_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with pytest.warns(UserWarning, match="NOT comparable"):
+        inception = backbones.load_inception("tiny")
+    with pytest.warns(UserWarning, match="NOT comparable"):
+        clip = backbones.load_clip("tiny")
+    images = sample_images()
+    return inception.embed(images, batch_size=4), clip.embed_images(images, batch_size=4), clip.embed_texts(["a", "b"])
+
+
+def test_tiny_backbones_shapes_norms_and_labels():
+    inception_feats, image_emb, text_emb = tiny_features()
+    assert inception_feats.shape == (6, backbones.TINY_INCEPTION_DIM) and inception_feats.dtype == np.float64
+    assert image_emb.shape == (6, 64) and text_emb.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1.0, atol=1e-12)
+    for info in (backbones.tiny_inception("cpu").info, backbones.tiny_clip("cpu").info):
+        assert not info.real and info.sha256 is None
+        assert "tiny" in info.name and "NOT REAL" in info.name
+
+
+def test_tiny_backbones_are_bitwise_deterministic_across_loads_and_processes():
+    in_process = tiny_features()
+    assert all(np.array_equal(a, b) for a, b in zip(in_process, tiny_features()))
+
+    script = (
+        "import hashlib, warnings; warnings.simplefilter('ignore')\n"
+        "from tests.test_metrics import tiny_features\n"
+        "print(*[hashlib.sha256(f.tobytes()).hexdigest() for f in tiny_features()])\n"
+    )
+    other_process = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert other_process.stdout.split() == [hashlib.sha256(f.tobytes()).hexdigest() for f in in_process]
+
+
+def test_tiny_backbone_does_not_touch_the_global_torch_rng():
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    backbones.tiny_clip("cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_explicit_missing_paths_raise_naming_the_path():
+    with pytest.raises(FileNotFoundError, match="/nonexistent/x.pt"):
+        backbones.load_inception("/nonexistent/x.pt")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/clip.safetensors"):
+        backbones.load_clip("ViT-B-32:/nonexistent/clip.safetensors")
+
+
+def test_auto_without_weights_warns_and_falls_back_to_tiny(tmp_path, monkeypatch):
+    # make sure no real weights can be found, whatever this machine has in /tmp or its caches
+    monkeypatch.setattr(backbones, "CLEANFID_INCEPTION_DIR", tmp_path / "cleanfid")
+    monkeypatch.setattr(backbones, "STYLE_FACTORY_CACHE_DIR", tmp_path / "style-factory")
+    monkeypatch.setattr(backbones, "try_to_load_from_cache", lambda repo_id, filename: None)
+    with pytest.warns(UserWarning, match="NO REAL INCEPTION WEIGHTS"):
+        inception = backbones.load_inception("auto", models_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="NO REAL CLIP WEIGHTS"):
+        clip = backbones.load_clip("auto", models_dir=str(tmp_path))
+    assert not inception.info.real and not clip.info.real
+
+
+class FakeInceptionLayers(nn.Module):
+    """Stands in for the torchscript Inception's `layers`: returns the per-channel input means."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[2] == 299 and x.shape[3] == 299
+        return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+
+class FakeInception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = FakeInceptionLayers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_real_inception_path_feeds_clean_fid_scaled_299px_images(tmp_path, monkeypatch):
+    weight_file = tmp_path / backbones.INCEPTION_FILE_NAME
+    torch.jit.save(torch.jit.script(FakeInception()), str(weight_file))
+    monkeypatch.setattr(backbones, "CLEANFID_INCEPTION_DIR", tmp_path / "empty")
+
+    inception = backbones.load_inception("auto", models_dir=str(tmp_path))
+    assert inception.info.real
+    assert inception.info.sha256 == hashlib.sha256(weight_file.read_bytes()).hexdigest()
+
+    flat_colour = Image.new("RGB", (40, 64), (200, 100, 0))  # resizing keeps a flat colour flat
+    features = inception.embed([flat_colour, flat_colour])
+    assert features.shape == (2, 2048)
+    np.testing.assert_allclose(features[0, :3], [(200 - 128) / 128, (100 - 128) / 128, -1.0], atol=1e-5)
+
+
+def test_clip_checkpoint_path_with_arch_prefix_loads_the_weights(tmp_path):
+    # register the tiny architecture under a name, save the tiny model's weights, load them back by path
+    config_file = tmp_path / "tiny-test-clip.json"
+    config_file.write_text(json.dumps(backbones.TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config_file)
+    tiny = backbones.tiny_clip("cpu")
+    weight_file = tmp_path / "clip.safetensors"
+    save_file(tiny.model.state_dict(), str(weight_file))
+
+    loaded = backbones.load_clip(f"tiny-test-clip:{weight_file}")
+    assert loaded.info.real and loaded.info.sha256 == hashlib.sha256(weight_file.read_bytes()).hexdigest()
+    images = sample_images()
+    np.testing.assert_allclose(loaded.embed_images(images), tiny.embed_images(images), atol=1e-6)
+    np.testing.assert_allclose(loaded.embed_texts(["a cat"]), tiny.embed_texts(["a cat"]), atol=1e-6)

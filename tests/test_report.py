@@ -1,0 +1,251 @@
+"""The HTML report renders from a small fake run folder, with working relative image links."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.report import TINY_BACKBONE_WARNING, write_report
+
+RESULTS_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("style", pa.string()),
+    ("display_name", pa.string()),
+    ("method", pa.string()),
+    ("tokens", pa.string()),
+    ("base_model", pa.string()),
+    ("prompt", pa.string()),
+    ("n_images", pa.int64()),
+    ("n_reference", pa.int64()),
+    ("seeds", pa.list_(pa.int64())),
+    ("fid", pa.float64()),
+    ("kid", pa.float64()),
+    ("kid_std", pa.float64()),
+    ("clip_t", pa.float64()),
+    ("style_sim", pa.float64()),
+    ("inception_backbone", pa.string()),
+    ("clip_backbone", pa.string()),
+    ("backbones_real", pa.bool_()),
+    ("samples_dir", pa.string()),
+    ("model_dir", pa.string()),
+    ("config_hash", pa.string()),
+    ("versions", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+PROMPTS = ["a red circle on a blue background", "a small house by a lake"]
+SEEDS = [0, 1]
+DISPLAY_NAMES = {
+    "pixel-art": "Pixel Art & <Sprites>",
+    "watercolor": "Watercolor",
+    "ink": "Ink Wash",
+}
+
+
+def write_png(path: Path, color: tuple[int, int, int]) -> None:
+    """A 64 px image: a 4 px checkerboard of `color` and white, so upscaling blur would show."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checker = ((np.indices((64, 64)) // 4).sum(axis=0) % 2).astype(bool)
+    pixels = np.where(checker[..., None], np.array(color, dtype=np.uint8), np.uint8(255))
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def make_run(
+    run_dir: Path,
+    methods_by_style: dict[str, list[str]],
+    backbones_real: bool = True,
+    display_names: dict[str, str] = DISPLAY_NAMES,
+) -> Path:
+    """A run folder as the evaluate stage leaves it: samples, references, prompts, results, one log."""
+    write_png(run_dir / "samples" / "dummy.png", (0, 0, 0))  # the report must not pick up stray files
+    (run_dir / "samples" / "prompts.json").write_text(
+        json.dumps([{"index": i, "content": content} for i, content in enumerate(PROMPTS)])
+    )
+    rows = []
+    for style_index, (style, methods) in enumerate(methods_by_style.items()):
+        for ref_index in range(3):
+            write_png(run_dir / "samples" / style / "ref" / f"ref_{ref_index}.png", (200, 40 * ref_index, 0))
+        for method_index, method in enumerate(methods):
+            samples_dir = f"samples/{style}/{method}"
+            for prompt_index in range(len(PROMPTS)):
+                for seed in SEEDS:
+                    write_png(run_dir / samples_dir / f"p{prompt_index:03d}_s{seed}.png", (0, 100 * method_index, 50 * seed))
+            is_base = method == "base"
+            rows.append({
+                "run_id": "test-run",
+                "style": style,
+                "display_name": display_names[style],
+                "method": method,
+                "tokens": "" if is_base else f"<{style}>",
+                "base_model": "tiny-sd",
+                "prompt": "{content}" if is_base else f"{{content}} in <{style}> style",
+                "n_images": len(PROMPTS) * len(SEEDS),
+                "n_reference": 3,
+                "seeds": SEEDS,
+                # Tuned models get lower KID and higher style similarity, so they win those columns.
+                "fid": math.nan if style_index == 1 else 100.0 - 10 * method_index,
+                "kid": 0.05 - 0.02 * method_index + 0.01 * style_index,
+                "kid_std": math.nan if is_base else 0.004,
+                "clip_t": 0.30 - 0.01 * method_index + 0.005 * style_index,
+                "style_sim": 0.50 + 0.2 * method_index - 0.05 * style_index,
+                "inception_backbone": "tiny-inception",
+                "clip_backbone": "tiny-clip",
+                "backbones_real": backbones_real,
+                "samples_dir": samples_dir,
+                "model_dir": "" if is_base else f"models/{style}/{method}",
+                "config_hash": "abc123",
+                "versions": json.dumps({"torch": "2.4.0"}),
+                "created_at": datetime(2024, 1, 1, tzinfo=timezone.utc),
+            })
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), run_dir / "results.parquet")
+
+    first_style = next(iter(methods_by_style))
+    log_path = run_dir / "logs" / first_style / "styleboost" / "train_log.jsonl"
+    log_path.parent.mkdir(parents=True)
+    log_path.write_text("".join(json.dumps({"step": step, "loss": 1.0 / (step + 1)}) + "\n" for step in range(50)))
+    return run_dir
+
+
+class ReportParser(HTMLParser):
+    """Collects image sources, start tags, visible text and the leaderboard's body rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.img_srcs: list[str] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        self.leaderboard_rows: list[list[tuple[str, str]]] = []  # per row: (class, text) per cell
+        self.table_ids: list[str | None] = []
+        self.in_tbody = False
+        self.cell_class: str | None = None
+
+    def in_leaderboard_body(self) -> bool:
+        return self.in_tbody and self.table_ids[-1:] == ["leaderboard"]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.img_srcs.append(attributes["src"])
+        elif tag == "table":
+            self.table_ids.append(attributes.get("id"))
+        elif tag == "tbody":
+            self.in_tbody = True
+        elif tag == "tr" and self.in_leaderboard_body():
+            self.leaderboard_rows.append([])
+        elif tag == "td" and self.in_leaderboard_body():
+            self.cell_class = attributes.get("class") or ""
+            self.leaderboard_rows[-1].append((self.cell_class, ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self.table_ids.pop()
+        elif tag == "tbody":
+            self.in_tbody = False
+        elif tag == "td":
+            self.cell_class = None
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self.cell_class is not None and self.in_leaderboard_body():
+            css_class, text = self.leaderboard_rows[-1][-1]
+            self.leaderboard_rows[-1][-1] = (css_class, text + data)
+
+
+def parse(report: Path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(report.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+def test_report_links_resolve_and_leaderboard_is_complete(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"], "watercolor": ["base", "styleboost"]})
+    report = write_report(run_dir)
+    assert report == run_dir / "report.html"
+    parsed = parse(report)
+
+    file_srcs = [src for src in parsed.img_srcs if not src.startswith("data:")]
+    assert file_srcs
+    for src in file_srcs:
+        assert not src.startswith(("/", "file:")) and not Path(unquote(src)).is_absolute(), src
+        assert (report.parent / unquote(src)).is_file(), src
+
+    # Every sample and StyleRef image is shown, plus the scatter, KID and loss plots.
+    for style in ["pixel-art", "watercolor"]:
+        for method in ["base", "styleboost"]:
+            for prompt_index in range(len(PROMPTS)):
+                for seed in SEEDS:
+                    assert f"samples/{style}/{method}/p{prompt_index:03d}_s{seed}.png" in file_srcs
+        assert sum(src.startswith(f"samples/{style}/ref/") for src in file_srcs) == 3
+    assert "samples/dummy.png" not in file_srcs
+    assert sum(src.startswith("report_assets/") for src in file_srcs) == 3
+
+    # Base grid comes before the tuned grid, so the same prompts and seeds line up for comparison.
+    assert file_srcs.index("samples/pixel-art/base/p000_s0.png") < file_srcs.index("samples/pixel-art/styleboost/p000_s0.png")
+
+    assert len(parsed.leaderboard_rows) == 4
+    assert [row[0][1] for row in parsed.leaderboard_rows] == ["pixel-art", "pixel-art", "watercolor", "watercolor"]
+    assert [row[1][1] for row in parsed.leaderboard_rows] == ["base", "styleboost", "base", "styleboost"]
+
+    html_text = report.read_text(encoding="utf-8")
+    assert "Pixel Art &amp; &lt;Sprites&gt;" in html_text
+    assert "<Sprites>" not in html_text
+    assert "Watercolor" in html_text
+    assert TINY_BACKBONE_WARNING not in html_text
+    for prompt in PROMPTS:
+        assert prompt in html_text
+
+
+def test_leaderboard_highlights_best_per_style_and_survives_nan(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"], "watercolor": ["base", "styleboost"]})
+    rows = parse(write_report(run_dir)).leaderboard_rows
+    # Columns: style, method, KID, FID, CLIP-T, style sim, images.
+    pixel_base, pixel_boost, water_base, water_boost = rows
+    assert "best" in pixel_boost[2][0] and "best" not in pixel_base[2][0]  # lower KID wins
+    assert "best" in pixel_boost[3][0] and "best" not in pixel_base[3][0]  # lower FID wins
+    assert "best" in pixel_base[4][0] and "best" not in pixel_boost[4][0]  # higher CLIP-T wins
+    assert "best" in pixel_boost[5][0] and "best" not in pixel_base[5][0]  # higher style sim wins
+    assert pixel_boost[2][1] == "30.00 ± 4.00"
+    assert pixel_base[2][1] == "50.00"  # NaN kid_std: no error shown
+    # watercolor has NaN FID everywhere: shown as n/a, nothing highlighted.
+    assert water_base[3] == ("num", "n/a") and water_boost[3] == ("num", "n/a")
+
+
+def test_tiny_backbone_banner(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"]}, backbones_real=False)
+    assert TINY_BACKBONE_WARNING in write_report(run_dir).read_text(encoding="utf-8")
+
+
+def test_style_with_only_base_row_renders(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"], "ink": ["base"]})
+    report = write_report(run_dir)
+    parsed = parse(report)
+    assert len(parsed.leaderboard_rows) == 3
+    assert [row[0][1] for row in parsed.leaderboard_rows][-1] == "ink"
+    assert "Ink Wash" in report.read_text(encoding="utf-8")
+    for seed in SEEDS:
+        assert f"samples/ink/base/p001_s{seed}.png" in parsed.img_srcs
+    # A single row has nothing to beat: no highlight.
+    assert all("best" not in css_class for css_class, _ in parsed.leaderboard_rows[-1])
+
+
+def test_text_from_data_is_escaped(tmp_path: Path) -> None:
+    names = {"pixel-art": "<script>alert('x')</script>"}
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"]}, display_names=names)
+    report = write_report(run_dir)
+    html_text = report.read_text(encoding="utf-8")
+    assert "<script>" not in html_text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html_text
+    parsed = parse(report)
+    assert "script" not in parsed.tags
+    assert "<script>alert('x')</script>" in "".join(parsed.text)
