@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 STYLE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TOKEN = re.compile(r"^[A-Za-z0-9<>_-]{2,32}$")
-METHODS = ("styleboost",)
+
+
+def _known_method(name: str) -> str:
+    from pipeline.methods import METHODS  # imported late: methods import this module
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return name
 
 
 class ConfigError(ValueError):
@@ -62,6 +69,17 @@ class TrainConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per method: its Options schema
+
+    @field_validator("method_options")
+    @classmethod
+    def _options_valid(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from pipeline.methods import METHODS
+
+        for name, values in options.items():
+            _known_method(name)
+            METHODS[name].Options.model_validate(values)  # unknown keys and bad values fail here
+        return options
 
 
 class EvaluateConfig(Strict):
@@ -94,11 +112,21 @@ class RunConfig(Strict):
     styles_dir: str = "styles"
     results_dir: str = "results"
     styles: list[str] = Field(default_factory=list)  # subset to run; empty = every folder in styles_dir
-    methods: list[Literal[METHODS]] | None = None  # sweep these over every style; None = each style's own
+    methods: list[str] | None = None  # sweep these over every style; None = each style's own
     model: ModelConfig = Field(default_factory=ModelConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, methods: list[str] | None) -> list[str] | None:
+        if methods is not None:
+            if not methods:
+                raise ValueError("must list at least one method (or be left out)")
+            for name in methods:
+                _known_method(name)
+        return methods
 
     @field_validator("name")
     @classmethod
@@ -135,7 +163,7 @@ class Concept(Strict):
 class StyleConfig(Strict):
     display_name: str
     descriptor: str  # a descriptive phrase of the style, used to prompt the untuned base model
-    method: Literal[METHODS] = "styleboost"
+    method: str = "styleboost"
     concepts: list[Concept] = Field(min_length=1)
     caption_template: str = "an image"  # caption when there is neither a sidecar .txt nor a captioner
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the run's `train` section
@@ -145,6 +173,11 @@ class StyleConfig(Strict):
     def _train_overrides_valid(cls, overrides: dict[str, Any]) -> dict[str, Any]:
         TrainConfig.model_validate(overrides)  # unknown keys and bad values fail here, not mid-run
         return overrides
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, name: str) -> str:
+        return _known_method(name)
 
     @field_validator("caption_template")
     @classmethod

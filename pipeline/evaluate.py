@@ -57,15 +57,16 @@ def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJo
     protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.config.model.resolution]
     jobs = []
     for style in run.live_styles():
-        models = {"base": (base, [base_prompt(c, style.config.descriptor) for c in contents], base)}
+        models = {"base": ("", [base_prompt(c, style.config.descriptor) for c in contents], base)}
         for (name, method), model_dir in trained.items():
             if name == style.name:
                 card = json.loads((Path(model_dir) / "model_card.json").read_text())
                 prompts = [get_method(method).eval_prompt(c, style.config) for c in contents]
                 models[method] = (model_dir, prompts, card["key"])
-        for method, (model, prompts, model_key) in models.items():
+        for method, (model_dir, prompts, model_key) in models.items():
             jobs.append(SampleJob(
-                style=style.name, method=method, model=model, prompts=prompts, seeds=cfg.seeds,
+                style=style.name, method=method, base_model=base, model_dir=model_dir, prompts=prompts,
+                seeds=cfg.seeds,
                 out_dir=str(run.samples_dir(style.name, method)),
                 key=sha256_of(model_key, prompts, protocol, code_version("generate.py", "models.py")),
                 resolution=run.config.model.resolution, num_inference_steps=cfg.num_inference_steps,
@@ -153,7 +154,7 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
             "n_images": len(contents) * len(job.seeds), "n_reference": len(references[job.style]),
             "seeds": list(job.seeds), "kid_std": float("nan"),
             "samples_dir": str(Path(job.out_dir).relative_to(run.dir)),
-            "model_dir": "" if job.method == "base" else str(Path(job.model).relative_to(run.dir)),
+            "model_dir": str(Path(job.model_dir).relative_to(run.dir)) if job.model_dir else "",
             "config_hash": run.config.digest()[:16], "versions": versions, "created_at": created,
         })
         run.record(job.style, f"evaluate:{job.method}", "ok")

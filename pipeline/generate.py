@@ -48,7 +48,8 @@ DEFAULT_PROMPTS = [
 class SampleJob:
     style: str
     method: str  # "base" for the untuned model
-    model: str  # diffusers folder or hub id
+    base_model: str  # diffusers folder or hub id
+    model_dir: str  # the method's exported model ("" for base)
     prompts: list[str]  # full prompts, one per content prompt, in order
     seeds: list[int]
     out_dir: str
@@ -73,9 +74,13 @@ def sample_name(prompt_index: int, seed: int) -> str:
 
 def generate_images(job: SampleJob, device: str = "cpu") -> None:
     """Sample every prompt x seed with one loaded pipeline; the folder appears whole or not at all."""
+    from pipeline.methods import get_method
     from pipeline.models import load_pipeline
 
-    pipe = load_pipeline(job.model, device)
+    if job.method == "base":
+        pipe = load_pipeline(job.base_model, device)
+    else:
+        pipe = get_method(job.method).load_for_sampling(job.base_model, job.model_dir, device)
     out = Path(job.out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -86,7 +91,8 @@ def generate_images(job: SampleJob, device: str = "cpu") -> None:
                       guidance_scale=job.guidance_scale).images
         for seed, image in zip(job.seeds, images):
             image.save(tmp / sample_name(index, seed))
-    write_json_atomic(tmp / "samples.json", {"key": job.key, "model": job.model, "prompts": job.prompts,
+    write_json_atomic(tmp / "samples.json", {"key": job.key, "base_model": job.base_model,
+                                             "model_dir": job.model_dir, "prompts": job.prompts,
                                              "seeds": job.seeds, "sampler": "DDIM",
                                              "num_inference_steps": job.num_inference_steps,
                                              "guidance_scale": job.guidance_scale, "resolution": job.resolution})

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import StyleConfig, TrainConfig
@@ -208,15 +209,17 @@ def train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
-    """Write the trained model as a diffusers folder (atomically) plus its card and loss log."""
+    """Write the trained model the method's way (atomically), plus its card and loss log."""
     from pipeline.models import load_pipeline
 
     cfg = TrainConfig.model_validate(job.train)
     method = get_method(job.method)
     pipe = load_pipeline(job.base_model)
     models = Components(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-                        noise_scheduler=None, source=job.base_model)
+                        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=job.base_model)
+    method.prepare(models, cfg)  # the same trainable structure (adapters, new tokens) the checkpoint was saved from
     load_trained_weights(models, method.trained_modules(cfg), checkpoint_dir)
+    pipe.text_encoder, pipe.unet = models.text_encoder, models.unet
     state = json.loads((checkpoint_dir / "state.json").read_text())
     style = StyleConfig.model_validate(job.style_config)
     card = {"key": job.key, "style": job.style, "method": job.method, "base_model": job.base_model,
@@ -225,7 +228,7 @@ def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
             "eval_prompt_example": method.eval_prompt("a red circle on a blue background", style)}
     Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent))
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    method.export(pipe, tmp, cfg)
     write_json_atomic(tmp / "model_card.json", card)
     replace_dir_atomic(tmp, Path(job.model_dir))
     log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(state["losses"]))

@@ -29,7 +29,8 @@ def test_example_styles_and_configs_are_valid():
     ("train: {learning_rate: -1}", "train.learning_rate: Input should be greater than 0"),
     ("model: {resolution: 100}", "model.resolution: Input should be a multiple of 8"),
     ("name: '../escape'", "name: Value error, must be a safe directory name"),
-    ("methods: [dreambooth2]", "methods.0"),
+    ("methods: [dreambooth2]", "methods: Value error, unknown method 'dreambooth2'"),
+    ("train: {method_options: {styleboost: {rank: 4}}}", "rank"),
     ("- just\n- a list", "expected a mapping"),
     ("model: {base: /does/not/exist}", "model.base: local diffusers folder /does/not/exist does not exist"),
 ])
@@ -53,7 +54,7 @@ def test_missing_run_config_is_named(tmp_path):
     ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
     ({"train": {"max_stpes": 3}}, "max_stpes"),
     ({"colour": "red"}, "colour: unknown field"),
-    ({"method": "textinversion"}, "method: Input should be 'styleboost'"),
+    ({"method": "textinversion"}, "method: Value error, unknown method 'textinversion'"),
 ])
 def test_style_config_errors(tmp_path, change, expected):
     style = make_style(tmp_path, "mystyle", "zwx")

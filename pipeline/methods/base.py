@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.models import Components
+from pipeline.models import Components, load_pipeline
 
 
 @dataclass
@@ -51,10 +53,18 @@ class Batch:
     weights: torch.Tensor  # the loss is sum(weights * per-sample denoising loss)
 
 
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 class Method:
     """Subclasses state what differs: what trains, which images and prompts a batch holds, extra losses."""
 
     name = ""
+    Options: type[BaseModel] = NoOptions  # the method's own settings, under train.method_options.<name>
+
+    def options(self, cfg: TrainConfig) -> BaseModel:
+        return self.Options.model_validate(cfg.method_options.get(self.name, {}))
 
     def check_data(self, data: StyleData, cfg: TrainConfig) -> None:
         """Raise ValueError when the curated data cannot serve this method."""
@@ -80,3 +90,11 @@ class Method:
     def eval_prompt(self, content: str, style: StyleConfig) -> str:
         """The prompt that asks this method's model for `content` in the style."""
         raise NotImplementedError
+
+    def export(self, pipe: StableDiffusionPipeline, out_dir: Path, cfg: TrainConfig) -> None:
+        """Write the trained model (its components hold the trained weights). Default: a full diffusers folder."""
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+
+    def load_for_sampling(self, base_model: str, model_dir: str, device: str) -> StableDiffusionPipeline:
+        """The sampling pipeline for an exported model. Default: the diffusers folder itself."""
+        return load_pipeline(model_dir, device)
