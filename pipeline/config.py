@@ -106,6 +106,12 @@ class EvaluateConfig(Strict):
             raise ValueError("seeds must be unique")
         return seeds
 
+    @model_validator(mode="after")
+    def _enough_images(self) -> EvaluateConfig:
+        if self.prompts is not None and len(self.prompts) * len(self.seeds) < 2:
+            raise ValueError("prompts x seeds must give at least 2 images per model (FID and KID need two)")
+        return self
+
 
 class RunConfig(Strict):
     name: str = "tiny-demo"  # the run id: results land in <results_dir>/<name>/

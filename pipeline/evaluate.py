@@ -98,21 +98,24 @@ def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None
     reference_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rows = []
     for entry in entries:
-        if entry["style"] not in reference_cache:
-            refs = [Image.open(p).convert("RGB") for p in entry["reference"]]
-            reference_cache[entry["style"]] = (inception.embed(refs), clip.embed_images(refs))
-        ref_feats, ref_clip = reference_cache[entry["style"]]
-        images = [Image.open(p).convert("RGB") for p in entry["images"]]
-        feats, gen_clip = inception.embed(images), clip.embed_images(images)
-        rows.append({
-            "style": entry["style"], "method": entry["method"],
-            "fid": metrics.fid(feats, ref_feats),
-            "kid": metrics.kid(feats, ref_feats, seed=evaluate_cfg["kid_seed"]),
-            "clip_t": metrics.clip_text_alignment(gen_clip, clip.embed_texts(entry["texts"])),
-            "style_sim": metrics.style_similarity(gen_clip, ref_clip),
-            "inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
-            "backbones_real": inception.info.real and clip.info.real,
-        })
+        try:
+            if entry["style"] not in reference_cache:
+                refs = [Image.open(p).convert("RGB") for p in entry["reference"]]
+                reference_cache[entry["style"]] = (inception.embed(refs), clip.embed_images(refs))
+            ref_feats, ref_clip = reference_cache[entry["style"]]
+            images = [Image.open(p).convert("RGB") for p in entry["images"]]
+            feats, gen_clip = inception.embed(images), clip.embed_images(images)
+            rows.append({
+                "style": entry["style"], "method": entry["method"],
+                "fid": metrics.fid(feats, ref_feats),
+                "kid": metrics.kid(feats, ref_feats, seed=evaluate_cfg["kid_seed"]),
+                "clip_t": metrics.clip_text_alignment(gen_clip, clip.embed_texts(entry["texts"])),
+                "style_sim": metrics.style_similarity(gen_clip, ref_clip),
+                "inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
+                "backbones_real": inception.info.real and clip.info.real,
+            })
+        except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
+            rows.append({"style": entry["style"], "method": entry["method"], "error": f"{type(err).__name__}: {err}"})
     return rows
 
 
@@ -146,6 +149,9 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     rows = []
     for score in scores:
         job = by_key[(score["style"], score["method"])]
+        if "error" in score:
+            run.record(job.style, f"evaluate:{job.method}", score["error"])
+            continue
         style = styles[score["style"]]
         rows.append({
             **score, "run_id": run.config.name, "display_name": style.config.display_name,
@@ -158,6 +164,12 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
             "config_hash": run.config.digest()[:16], "versions": versions, "created_at": created,
         })
         run.record(job.style, f"evaluate:{job.method}", "ok")
+    if not rows:
+        return None
+    if not all(row["backbones_real"] for row in rows):
+        print(f"[evaluate] WARNING: metrics use tiny stand-in backbones ({rows[0]['inception_backbone']}, "
+              f"{rows[0]['clip_backbone']}): compare them only within this setup, not with published numbers. "
+              "Put real weights in model.models_dir (see README).", flush=True)
     path = run.dir / "results.parquet"
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), path)
     return path

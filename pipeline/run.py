@@ -90,7 +90,9 @@ def start_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": QUIET_ENV})  # the job's --working-dir is already on the path
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env_vars})
+        # Worker logs stay in Ray's log folder; stage outcomes and errors reach the driver as results.
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        print("[ray] local instance started; worker logs in /tmp/ray/session_latest/logs", flush=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ray.data.DataContext.get_current().enable_progress_bars = False
 

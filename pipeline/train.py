@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from pipeline.config import StyleConfig, TrainConfig
 from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_text_atomic
 from pipeline.methods import Batch, Method, StyleData, get_method
 from pipeline.models import Components, load_components, resolve_base_model
+from pipeline.priors import class_image_dir, generate_class_images
 from pipeline.run import Run
 
 
@@ -41,6 +43,7 @@ class TrainJob:
     storage_path: str  # Ray Train checkpoints
     style_config: dict
     train: dict
+    prior_dirs: list[str] = field(default_factory=list)  # generated class images, one folder per concept
 
     @property
     def trainer_name(self) -> str:
@@ -50,21 +53,40 @@ class TrainJob:
         card = Path(self.model_dir) / "model_card.json"
         return card.is_file() and json.loads(card.read_text()).get("key") == self.key
 
+    def load_data(self) -> StyleData:
+        return StyleData.load(Path(self.curated_path), self.prior_dirs)
+
+    def load_method(self) -> Method:
+        return get_method(self.method, StyleConfig.model_validate(self.style_config))
+
 
 # ---------------------------------------------------------------------------------------------
 # The shared loop (runs on each Ray Train worker)
 # ---------------------------------------------------------------------------------------------
 
-def encode_latent_cache(vae, pixels: torch.Tensor, flips: bool, batch_size: int = 32) -> torch.Tensor:
-    """Mean and std of the VAE posterior per image, for both flips: the VAE never runs again while training.
+def grayscale(pixels: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma (PIL's "L" conversion) in all three channels."""
+    luma = (pixels * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(dim=-3, keepdim=True)
+    return luma.expand_as(pixels)
+
+
+VIEW_OPS = {"hflip": lambda pixels: pixels.flip(-1), "grayscale": grayscale}
+
+
+def encode_latent_cache(vae, pixels: torch.Tensor, views: list[tuple[str, ...]],
+                        batch_size: int = 32) -> torch.Tensor:
+    """Mean and std of the VAE posterior per image and view (ops of VIEW_OPS, applied in order; () = as is):
+    the VAE never runs again while training.
 
     Sampling mean + std * noise from this cache is distributed exactly like a fresh `encode().sample()`.
-    Returns (2 if flips else 1, N, 2, C, h, w).
+    Returns (len(views), N, 2, C, h, w).
     """
-    views = [pixels, pixels.flip(-1)] if flips else [pixels]
     cache = []
     with torch.no_grad():
-        for view in views:
+        for ops in views:
+            view = pixels
+            for op in ops:
+                view = VIEW_OPS[op](view)
             parts = []
             for start in range(0, len(view), batch_size):
                 dist = vae.encode(view[start:start + batch_size].to(vae.device, vae.dtype)).latent_dist
@@ -73,9 +95,9 @@ def encode_latent_cache(vae, pixels: torch.Tensor, flips: bool, batch_size: int 
     return torch.stack(cache)
 
 
-def sample_latents(cache: torch.Tensor, rows: np.ndarray, flip: np.ndarray, scaling: float,
+def sample_latents(cache: torch.Tensor, rows: np.ndarray, views: np.ndarray, scaling: float,
                    generator: torch.Generator) -> torch.Tensor:
-    picked = cache[torch.as_tensor(flip.astype(np.int64)), torch.as_tensor(rows)]
+    picked = cache[torch.as_tensor(views.astype(np.int64)), torch.as_tensor(rows)]
     mean, std = picked[:, 0], picked[:, 1]
     return (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
 
@@ -111,8 +133,8 @@ def denoising_loss(models: Components, method: Method, latents: torch.Tensor, te
 
 
 def training_step(models: Components, method: Method, batch: Batch, cache: torch.Tensor, cfg: TrainConfig,
-                  generator: torch.Generator, flip: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    latents = sample_latents(cache, batch.rows, flip, models.vae.config.scaling_factor, generator).to(device)
+                  generator: torch.Generator, views: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    latents = sample_latents(cache, batch.rows, views, models.vae.config.scaling_factor, generator).to(device)
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
     with autocast:
@@ -128,20 +150,48 @@ def step_generator(seed: int, step: int, rank: int) -> tuple[np.random.Generator
     return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
+def optimisation_step(models: Components, method: Method, data: StyleData, cache: torch.Tensor,
+                      optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, rank: int,
+                      device: torch.device) -> float:
+    """One step of the shared loop: draw a batch, compute its losses, update the trainable weights."""
+    rng, generator = step_generator(cfg.seed, step, rank)
+    batch = method.sample_batch(data, cfg, rng)
+    if batch.views is None:  # the method leaves the view to the loop: a random mirror image when enabled
+        batch.views = rng.random(len(batch.rows)) < 0.5 if cfg.random_flip else np.zeros(len(batch.rows), bool)
+    loss = sum(training_step(models, method, batch, cache, cfg, generator, batch.views, device).values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{method.name}: loss is {loss.item()} at step {step}; "
+                                 "lower train.learning_rate or use mixed_precision: 'no'")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                   cfg.max_grad_norm)
+    optimizer.step()
+    method.after_step(models)
+    return round(float(loss.detach()), 6)
+
+
+def trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors training changes: a checkpoint of a LoRA run holds the adapter, not the whole model."""
+    module = module.module if hasattr(module, "module") else module  # DDP wraps the trained modules
+    return {k: v.detach().contiguous().cpu() for k, v in module.named_parameters() if v.requires_grad}
+
+
 def save_checkpoint(folder: Path, models: Components, modules: list[str], optimizer, step: int,
                     losses: list[float]) -> None:
     for name in modules:
-        module = getattr(models, name)
-        module = module.module if hasattr(module, "module") else module  # DDP wraps the trained modules
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(state, folder / f"{name}.safetensors")
+        save_file(trained_state(getattr(models, name)), folder / f"{name}.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     (folder / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
 
 
 def load_trained_weights(models: Components, modules: list[str], folder: Path) -> None:
+    """Load a checkpoint into models prepared by the same method (the frozen weights are the base model's)."""
     for name in modules:
-        getattr(models, name).load_state_dict(load_file(folder / f"{name}.safetensors"))
+        unexpected = getattr(models, name).load_state_dict(load_file(folder / f"{name}.safetensors"),
+                                                           strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"checkpoint {folder / name} has weights the prepared model lacks: {unexpected[:3]}")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -158,13 +208,13 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
 
     models = load_components(job.base_model)
-    method = get_method(job.method)
+    method = job.load_method()
     param_groups = method.prepare(models, cfg)
     modules = method.trained_modules(cfg)
-    data = StyleData.load(Path(job.curated_path))
+    data = job.load_data()
     for part in (models.vae, models.text_encoder, models.unet):
         part.to(device)
-    cache = encode_latent_cache(models.vae, data.pixels, cfg.random_flip)
+    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
     optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
 
     step, losses = 0, []
@@ -177,23 +227,10 @@ def train_loop_per_worker(config: dict) -> None:
             step, losses = state["step"], state["losses"]
     for name in modules:  # data parallel across this style's workers (no-op for one worker)
         setattr(models, name, ray.train.torch.prepare_model(getattr(models, name)))
-    trainable = [p for group in param_groups for p in group["params"]]
 
     while step < cfg.max_steps:
-        rng, generator = step_generator(cfg.seed, step, rank)
-        batch = method.sample_batch(data, cfg, rng)
-        flip = rng.random(len(batch.rows)) < 0.5 if cfg.random_flip else np.zeros(len(batch.rows), bool)
-        parts = training_step(models, method, batch, cache, cfg, generator, flip, device)
-        loss = sum(parts.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{job.style}/{job.method}: loss is {loss.item()} at step {step}; "
-                                     "lower train.learning_rate or use mixed_precision: 'no'")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
+        losses.append(optimisation_step(models, method, data, cache, optimizer, cfg, step, rank, device))
         step += 1
-        losses.append(round(float(loss.detach()), 6))
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             metrics = {"step": step, "loss": losses[-1]}
             with tempfile.TemporaryDirectory() as tmp:
@@ -208,12 +245,26 @@ def train_loop_per_worker(config: dict) -> None:
 # Fan-out (driver side)
 # ---------------------------------------------------------------------------------------------
 
+def write_model(job: TrainJob, method: Method, write: Callable[[Path], None], **facts) -> dict:
+    """Write the model folder with `write`, plus its card (the key and `facts`); it appears whole or not at all."""
+    style = StyleConfig.model_validate(job.style_config)
+    card = {"key": job.key, "style": job.style, "method": job.method, "base_model": job.base_model,
+            "tokens": style.tokens, **facts, "train": job.train, "data": Path(job.curated_path).name,
+            "eval_prompt_example": method.eval_prompt("a red circle on a blue background", style)}
+    Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent))
+    write(tmp)
+    write_json_atomic(tmp / "model_card.json", card)
+    replace_dir_atomic(tmp, Path(job.model_dir))
+    return card
+
+
 def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
     """Write the trained model the method's way (atomically), plus its card and loss log."""
     from pipeline.models import load_pipeline
 
     cfg = TrainConfig.model_validate(job.train)
-    method = get_method(job.method)
+    method = job.load_method()
     pipe = load_pipeline(job.base_model)
     models = Components(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
                         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=job.base_model)
@@ -221,30 +272,28 @@ def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
     load_trained_weights(models, method.trained_modules(cfg), checkpoint_dir)
     pipe.text_encoder, pipe.unet = models.text_encoder, models.unet
     state = json.loads((checkpoint_dir / "state.json").read_text())
-    style = StyleConfig.model_validate(job.style_config)
-    card = {"key": job.key, "style": job.style, "method": job.method, "base_model": job.base_model,
-            "tokens": style.tokens, "steps": state["step"], "final_loss": state["losses"][-1],
-            "train": cfg.model_dump(), "data": Path(job.curated_path).name,
-            "eval_prompt_example": method.eval_prompt("a red circle on a blue background", style)}
-    Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent))
-    method.export(pipe, tmp, cfg)
-    write_json_atomic(tmp / "model_card.json", card)
-    replace_dir_atomic(tmp, Path(job.model_dir))
+    card = write_model(job, method, lambda out: method.export(pipe, out, cfg),
+                       steps=state["step"], final_loss=state["losses"][-1])
     log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(state["losses"]))
     write_text_atomic(Path(job.log_path), log)
     return card
 
 
-@ray.remote(num_cpus=0)
-def fit_style(job: TrainJob) -> dict:
-    """Train one (style, method) with Ray Train, resuming from its checkpoints, then export it."""
+@ray.remote
+def prepare_untrained(job: TrainJob) -> dict:
+    """A zero-shot method's model folder, prepared from the data and the base model on one worker's resources."""
+    cfg = TrainConfig.model_validate(job.train)
+    method = job.load_method()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return write_model(job, method, lambda out: method.prepare_reference(job.load_data(), cfg, job.base_model,
+                                                                         out, device), steps=0, final_loss=None)
+
+
+def train_round(job: TrainJob, cfg: TrainConfig) -> None:
+    """Train one round with Ray Train, resuming from its checkpoints, then export it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = TrainConfig.model_validate(job.train)
-    started = time.time()
-    get_method(job.method).check_data(StyleData.load(Path(job.curated_path)), cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -257,7 +306,23 @@ def fit_style(job: TrainJob) -> dict:
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        card = export_model(job, Path(folder))
+        export_model(job, Path(folder))
+
+
+@ray.remote(num_cpus=0)
+def fit_style(job: TrainJob) -> dict:
+    """Train one (style, method), round by round (most methods train one), and export it."""
+    cfg = TrainConfig.model_validate(job.train)
+    started = time.time()
+    method = job.load_method()
+    method.check_data(job.load_data(), cfg)
+    if not method.trains:
+        task = prepare_untrained.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+        return {**ray.get(task.remote(job)), "seconds": round(time.time() - started, 1)}
+    for round_job in method.rounds(job):  # a round is exported before the method plans the next one
+        if not round_job.is_done():  # an earlier round may have finished before an interruption
+            train_round(round_job, cfg)
+    card = json.loads((Path(job.model_dir) / "model_card.json").read_text())  # the last round's
     return {**card, "seconds": round(time.time() - started, 1)}
 
 
@@ -271,11 +336,14 @@ def plan_training(run: Run) -> list[TrainJob]:
         data_key = json.loads(marker.read_text())["key"] if marker.is_file() else "missing"
         cfg = style.train_config(run.config)
         for method in style.methods(run.config):
+            prior_dirs = [str(class_image_dir(run, r)) for r in get_method(method).class_images(style.config, cfg)]
             jobs.append(TrainJob(
                 style=style.name, method=method, base_model=base, curated_path=str(curated),
-                key=sha256_of(data_key, method, cfg.model_dump(), base, code_version("train.py", "methods", "models.py")),
+                key=sha256_of(data_key, method, cfg.model_dump(), base, prior_dirs,
+                              code_version("train.py", "methods", "models.py", "lora.py")),
                 model_dir=str(run.model_dir(style.name, method)), log_path=str(run.train_log(style.name, method)),
-                storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(), train=cfg.model_dump()))
+                storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(), train=cfg.model_dump(),
+                prior_dirs=prior_dirs))
     return jobs
 
 
@@ -294,8 +362,8 @@ def train_all(jobs: list[TrainJob]) -> dict[tuple[str, str], dict]:
         try:
             card = ray.get(done[0])
             outcomes[(job.style, job.method)] = {"status": "trained", "model_dir": job.model_dir, **card}
-            print(f"[train] {job.style}/{job.method}: {card['steps']} steps, final loss {card['final_loss']:.4f}, "
-                  f"{card['seconds']} s", flush=True)
+            loss = "" if card["final_loss"] is None else f", final loss {card['final_loss']:.4f}"
+            print(f"[train] {job.style}/{job.method}: {card['steps']} steps{loss}, {card['seconds']} s", flush=True)
         except Exception as err:  # noqa: BLE001 - report the failure and keep the other styles going
             outcomes[(job.style, job.method)] = {"status": "failed", "error": _explain(err, job)}
             print(f"[train] {job.style}/{job.method} FAILED: {outcomes[(job.style, job.method)]['error']}",
@@ -314,6 +382,7 @@ def _explain(err: Exception, job: TrainJob) -> str:
 
 def train_styles(run: Run) -> dict[tuple[str, str], str]:
     """Train (or reuse) every live style x method; returns {(style, method): model folder} of the usable ones."""
+    generate_class_images(run)  # the generated priors the jobs read (DreamBooth), each set once
     outcomes = train_all(plan_training(run))
     trained = {}
     for (style, method), outcome in outcomes.items():

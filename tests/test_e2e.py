@@ -1,0 +1,111 @@
+"""End to end on local Ray: two example styles (one with two tokens) through curate -> train -> evaluate -> report."""
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from jobs import all_styles
+from tests.conftest import copy_example_styles
+
+STYLES = ["pixel-art", "anime"]
+
+
+class ImageSources(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    copy_example_styles(root / "styles", STYLES)
+    for style in STYLES:  # the run's few steps, not the examples' own overrides (merging is tested in test_config)
+        style_yaml = root / "styles" / style / "style.yaml"
+        style_yaml.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(style_yaml.read_text()).items()
+                                              if k != "train"}))
+    config = {
+        "name": "e2e", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
+        "train": {"max_steps": 4, "checkpoint_every": 2},
+        "evaluate": {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
+                     "seeds": [0, 1], "num_inference_steps": 3},
+    }
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    exit_code = all_styles.main(["--config", str(config_path)])
+    return root / "results" / "e2e", config_path, exit_code
+
+
+def test_every_stage_leaves_its_files(finished_run):
+    run_dir, _, exit_code = finished_run
+    assert exit_code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary == {s: {"curate": "ok", "train:styleboost": "ok", "evaluate:base": "ok",
+                           "evaluate:styleboost": "ok"} for s in STYLES}
+    for style in STYLES:
+        report = pd.read_csv(run_dir / "curated" / f"{style}.report.csv")
+        assert set(report.status) <= {"kept", "rejected"} and (report.status == "kept").sum() >= 8
+        curated = pd.read_parquet(run_dir / "curated" / f"{style}.parquet")
+        assert len(curated) == (report.status == "kept").sum()
+        assert set(curated.role) == {"ref", "aux"} and (curated.caption_source == "sidecar").all()
+        log = [json.loads(line) for line in (run_dir / "logs" / style / "styleboost" / "train_log.jsonl").open()]
+        assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    anime = pd.read_parquet(run_dir / "curated" / "anime.parquet")
+    assert set(anime.token) == {"ukj", "zwx"}  # Multi-StyleBoost: two tokens in one style
+    assert (run_dir.parent / "latest").resolve() == run_dir
+
+
+def test_results_table_has_a_row_per_style_and_model(finished_run):
+    run_dir, _, _ = finished_run
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert sorted(zip(results["style"], results["method"])) == sorted(
+        (s, m) for s in STYLES for m in ("base", "styleboost"))
+    assert (results.n_images == 4).all() and (results.seeds.map(list) == pd.Series([[0, 1]] * 4)).all()
+    for column in ("fid", "kid", "clip_t", "style_sim"):
+        assert results[column].notna().all(), column
+    assert (~results.backbones_real).all() and results.inception_backbone.str.contains("NOT REAL").all()
+    assert results.config_hash.nunique() == 1 and "torch" in json.loads(results.versions[0])
+    base_prompt = results[(results["style"] == "anime") & (results.method == "base")].prompt.item()
+    tuned_prompt = results[(results["style"] == "anime") & (results.method == "styleboost")].prompt.item()
+    assert "ukj illustration" in tuned_prompt and "zwx background" in tuned_prompt and "ukj" not in base_prompt
+
+
+def test_report_references_only_existing_files(finished_run):
+    run_dir, _, _ = finished_run
+    parser = ImageSources()
+    parser.feed((run_dir / "report.html").read_text())
+    files = [s for s in parser.sources if not s.startswith("data:")]
+    assert len(files) >= 2 * 2 * 4  # every sample of every model at least
+    from urllib.parse import unquote
+    assert all((run_dir / unquote(src)).is_file() for src in files)
+
+
+def test_saved_model_reloads_in_diffusers_and_generates(finished_run):
+    run_dir, _, _ = finished_run
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "models" / "anime" / "styleboost", safety_checker=None)
+    image = pipe("a red circle, ukj illustration", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+    card = json.loads((run_dir / "models" / "anime" / "styleboost" / "model_card.json").read_text())
+    assert card["steps"] == 4 and card["tokens"] == ["ukj", "zwx"]
+
+
+def test_rerun_reuses_finished_stages(finished_run):
+    run_dir, config_path, _ = finished_run
+    model_file = run_dir / "models" / "pixel-art" / "styleboost" / "unet" / "diffusion_pytorch_model.safetensors"
+    watched = [run_dir / "curated" / "pixel-art.parquet", model_file,
+               run_dir / "samples" / "pixel-art" / "styleboost" / "samples.json"]
+    before = [p.stat().st_mtime_ns for p in watched]
+    assert all_styles.main(["--config", str(config_path)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert all(stages["curate"] == "reused" and stages["train:styleboost"] == "reused" for stages in summary.values())
+    assert [p.stat().st_mtime_ns for p in watched] == before
