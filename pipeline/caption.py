@@ -11,11 +11,17 @@ Captioner = Callable[[Image.Image], str]
 
 
 def read_sidecar(image_path: Path) -> str:
-    """The caption in `<stem>.txt`, decoded whatever its encoding; '' when absent or empty."""
+    """The caption in `<stem>.txt`, decoded whatever its encoding; '' when absent or empty.
+
+    A sidecar must be a regular file: a symbolic link could lead outside the style folder.
+    """
     sidecar = image_path.with_suffix(".txt")
-    if not sidecar.is_file():
+    if sidecar.is_symlink() or not sidecar.is_file():
         return ""
-    data = sidecar.read_bytes()
+    try:
+        data = sidecar.read_bytes()
+    except OSError:  # unreadable (permissions): the image still serves, with the next caption source
+        return ""
     encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
     try:
         text = data.decode(encoding)
