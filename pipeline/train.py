@@ -186,12 +186,14 @@ def save_checkpoint(folder: Path, models: Components, modules: list[str], optimi
 
 
 def load_trained_weights(models: Components, modules: list[str], folder: Path) -> None:
-    """Load a checkpoint into models prepared by the same method (the frozen weights are the base model's)."""
+    """Load a checkpoint into models prepared by the same method: it holds exactly their trainable weights."""
     for name in modules:
-        unexpected = getattr(models, name).load_state_dict(load_file(folder / f"{name}.safetensors"),
-                                                           strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"checkpoint {folder / name} has weights the prepared model lacks: {unexpected[:3]}")
+        module, state = getattr(models, name), load_file(folder / f"{name}.safetensors")
+        trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise ValueError(f"{folder / name}.safetensors does not hold the trainable weights of the prepared "
+                             f"{name} (first differences: {sorted(set(state) ^ trainable)[:3]})")
+        module.load_state_dict(state, strict=False)  # the frozen rest is the base model's
 
 
 def train_loop_per_worker(config: dict) -> None:

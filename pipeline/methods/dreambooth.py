@@ -1,0 +1,63 @@
+"""Style-DreamBooth (diffusers `examples/dreambooth/train_dreambooth.py`): prior preservation.
+
+StyleBoost's two-term loss and trained modules, with the prior set replaced: instead of curated Aux
+images, class images the base model generates from the class prompt (`pipeline/priors.py`), so the
+second term keeps the model's own idea of the class while the first binds the token to the style:
+    L = mean_i ||eps - eps_theta(z_t, t, "<caption>, <token> <class_word>")||^2
+        + prior_loss_weight * mean_j ||eps' - eps_theta(z'_t', t', <class prompt>)||^2
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import StyleConfig, TrainConfig
+from pipeline.methods.base import Batch, ClassImages, StyleData
+from pipeline.methods.styleboost import INSTANCE_PROMPT, StyleBoost
+
+
+class DreamBoothOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    class_prompt: str = "{class_word}"  # per concept; "{class_word}" is replaced, e.g. "a painting" or "style"
+    num_class_images: int = Field(100, ge=1)  # the script's default (its README uses 200)
+    class_inference_steps: int = Field(50, ge=1)  # the pipeline's defaults, as the script generates them
+    class_guidance_scale: float = Field(7.5, ge=0)
+
+
+class DreamBooth(StyleBoost):
+    """Same instance prompts, modules and optimiser as StyleBoost; the prior rows are generated class images."""
+
+    name = "dreambooth"
+    Options = DreamBoothOptions
+
+    def class_images(self, style: StyleConfig, cfg: TrainConfig) -> list[ClassImages]:
+        if cfg.prior_loss_weight == 0:
+            return []
+        opts = self.options(cfg)
+        return [ClassImages(prompt=opts.class_prompt.format(class_word=c.class_word), count=opts.num_class_images,
+                            num_inference_steps=opts.class_inference_steps,
+                            guidance_scale=opts.class_guidance_scale) for c in style.concepts]
+
+    def check_data(self, data: StyleData, cfg: TrainConfig) -> None:
+        for concept in range(data.num_concepts):
+            if not len(data.indices("ref", concept)):
+                raise ValueError(f"concept {concept} has no StyleRef images")
+            if cfg.prior_loss_weight > 0 and not len(data.indices("prior", concept)):
+                raise ValueError(f"concept {concept} has no class images; the priors stage "
+                                 "(pipeline.priors.generate_class_images) generates them before training")
+
+    def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
+        concept = int(rng.integers(data.num_concepts))
+        ref = data.indices("ref", concept)
+        rows = rng.choice(ref, cfg.batch_size, replace=len(ref) < cfg.batch_size)
+        prompts = [INSTANCE_PROMPT.format(caption=data.captions[i], token=data.tokens[i],
+                                          class_word=data.class_words[i]) for i in rows]
+        weights = [1.0 / cfg.batch_size] * cfg.batch_size
+        if cfg.prior_loss_weight > 0:
+            prior = data.indices("prior", concept)
+            prior_rows = rng.choice(prior, cfg.batch_size, replace=len(prior) < cfg.batch_size)
+            rows = np.concatenate([rows, prior_rows])
+            prompts += [data.captions[i] for i in prior_rows]  # the class prompt each image was generated from
+            weights += [cfg.prior_loss_weight / cfg.batch_size] * cfg.batch_size
+        return Batch(rows=rows, prompts=prompts, weights=torch.tensor(weights))

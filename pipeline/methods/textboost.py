@@ -1,0 +1,215 @@
+"""TextBoost (Park et al., arXiv 2409.08248; nahyeonkaty/textboost@0390854): tune only the text encoder.
+
+Trained: a LoRA on the text encoder's attention projections (peft, r=4, alpha=4 on q, k, v) and new token
+embeddings; the UNet and VAE stay frozen, so one StyleRef image is enough. Each concept token becomes a
+placeholder `<token>` (+ `<token>_1`, ... : diffusers' multi-vector naming) initialised from the init phrase
+(the style's descriptor), plus one token per augmentation. Only the new rows of the embedding matrix change
+(their gradient is masked) and after each step their norm is clipped to the mean norm of the vocabulary.
+
+What the shared loop gets on top of the denoising loss:
+- augmentation tokens: `<hflip>` / `<grayscale>` end the caption exactly when the row's cached latent is
+  of the mirrored / grayscale image (style mode of the paper: these two ops only, each with probability p;
+  train.random_flip does not apply, as an unannounced mirror image would undo the pairing);
+- knowledge preservation: kpl_weight * mean over prompts and all 77 positions of 1 - cos(E_phi(p), E_0(p)),
+  p from a pool of generic captions (10% empty, 10% the class template). E_0 is the encoder with the LoRA
+  switched off: the pool holds no new token, and no other embedding row ever changes, so that is the
+  frozen encoder without keeping a copy of it;
+- timesteps from p(t) ∝ max_s logSNR(s) - logSNR(t), as the paper describes. The public code never samples
+  this way: its `--disable_weighted_sample` is store_true with default=True, so it is always "disabled".
+Not ported: the fixed null embedding for classifier-free guidance (a SD2.1-only asset) and `--mixing`.
+
+Exported: the LoRA for `pipe.load_lora_weights` plus a kohya copy (pipeline/lora.py), and one embedding file
+per concept in `embeddings/` for `pipe.load_textual_inversion` (the prompt's `<token>` expands to its vectors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
+
+from pipeline.config import StyleConfig, TrainConfig
+from pipeline.lora import add_lora, save_lora
+from pipeline.methods.base import Batch, Method, StyleData
+from pipeline.models import Components, load_pipeline
+
+TRAIN_PROMPT = "{caption}, {placeholder}"  # the untuned baseline is asked for "<content>, <descriptor>"
+AUGMENTATIONS = {"hflip": "horizontally flipped", "grayscale": "grayscale"}  # token -> its init phrase
+CLASS_PROMPT = "a photo of {class_word}"
+# Generic captions for knowledge preservation (the paper draws from InstructPix2Pix's human-written ones).
+PRESERVATION_CAPTIONS = [
+    "a photo of a dog on the beach", "a man riding a bicycle down a street", "a bowl of soup on a wooden table",
+    "a red car parked in front of a house", "two children playing in a park", "a mountain lake at sunrise",
+    "an old woman knitting by the window", "a cat sleeping on a sofa", "a city skyline at night",
+    "a vase of sunflowers", "a train crossing a bridge", "a plate of pasta with tomatoes",
+    "a lighthouse on a rocky coast", "a horse standing in a field", "a kitchen with white cabinets",
+    "a boat on a calm river", "a bookshelf full of books", "a snowy forest path", "a birthday cake with candles",
+    "a woman holding an umbrella in the rain",
+]
+
+
+class TextBoostOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    embedding_learning_rate: float = Field(1e-3, gt=0)  # the LoRA uses text_encoder_learning_rate or learning_rate
+    kpl_weight: float = Field(0.1, ge=0)
+    num_vectors: int | None = Field(None, ge=1)  # per placeholder; None: one per init-phrase token (public code)
+    init_phrase: str | None = None  # None: the style's descriptor
+    augment_probability: float = Field(0.2, ge=0, le=1)  # per augmentation and image
+    prompt_pool: list[str] | None = None  # knowledge-preservation captions; None: PRESERVATION_CAPTIONS
+
+
+@dataclass
+class TextBoostBatch(Batch):
+    preservation_prompts: list[str] | None = None
+
+
+def timestep_distribution(scheduler) -> torch.Tensor:
+    """p(t) ∝ max_s logSNR(s) - logSNR(t), SNR(t) = alphabar_t / (1 - alphabar_t): 0 at t=0, most mass when noisy."""
+    alphas = scheduler.alphas_cumprod.double()
+    log_snr = torch.log(alphas / (1 - alphas))
+    weights = log_snr.max() - log_snr
+    return weights / weights.sum()
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - cos over the last dim, written out so that identical inputs give exactly 0
+    (F.cosine_similarity normalises each side first and leaves ~1e-7)."""
+    dot, a2, b2 = (a * b).sum(-1), (a * a).sum(-1), (b * b).sum(-1)
+    return 1 - dot / (a2 * b2).sqrt().clamp_min(1e-12)
+
+
+def placeholder_names(token: str, num_vectors: int) -> list[str]:
+    """`<zwx>`, `<zwx>_1`, ...: the names `load_textual_inversion` gives a multi-vector embedding's rows."""
+    name = f"<{token.strip('<>')}>"
+    return [name] + [f"{name}_{i}" for i in range(1, num_vectors)]
+
+
+class TextBoost(Method):
+    name = "textboost"
+    Options = TextBoostOptions
+
+    def check_data(self, data: StyleData, cfg: TrainConfig) -> None:
+        if not (data.roles == "ref").any():
+            raise ValueError("TextBoost needs at least one StyleRef image")
+
+    def prepare(self, models: Components, cfg: TrainConfig) -> list[dict]:
+        opts = self.options(cfg)
+        self.kpl_weight = opts.kpl_weight  # extra_losses sees no config
+        models.unet.requires_grad_(False)
+        models.vae.requires_grad_(False)
+        lora = add_lora(models.text_encoder, opts.rank, opts.alpha, opts.target_modules)
+        init_phrases = {c.token: opts.init_phrase or self.style.descriptor for c in self.style.concepts}
+        init_phrases |= {f"<{op}>": phrase for op, phrase in AUGMENTATIONS.items()}
+        vocabulary = models.text_encoder.get_input_embeddings().weight.detach()  # before the new rows
+        self.placeholders, init_vectors = {}, []
+        for token, phrase in init_phrases.items():
+            phrase_ids = models.tokenizer(phrase, add_special_tokens=False).input_ids
+            count = (opts.num_vectors or len(phrase_ids)) if token in self.style.tokens else 1
+            if count > len(phrase_ids):
+                raise ValueError(f"num_vectors={count} exceeds the {len(phrase_ids)} tokens of {phrase!r}")
+            # vector i starts as the mean of the i-th of `count` consecutive slices of the phrase's embeddings
+            init_vectors += [chunk.mean(0) for chunk in torch.tensor_split(vocabulary[phrase_ids], count)]
+            self.placeholders[token] = placeholder_names(token, count)
+        names = [name for names in self.placeholders.values() for name in names]
+        if models.tokenizer.add_tokens(names) != len(names):
+            raise ValueError(f"the tokenizer already knows some of {names}")
+        self.max_norm = vocabulary.norm(dim=1).mean()
+        models.text_encoder.resize_token_embeddings(len(models.tokenizer), mean_resizing=False)
+        embeddings = models.text_encoder.get_input_embeddings().weight
+        self.new_ids = torch.tensor(models.tokenizer.convert_tokens_to_ids(names))
+        with torch.no_grad():
+            embeddings[self.new_ids] = torch.stack(init_vectors).to(embeddings.dtype)
+        self.embeddings = embeddings.requires_grad_(True)
+        mask = torch.zeros(len(embeddings), 1, dtype=embeddings.dtype)
+        mask[self.new_ids] = 1
+        embeddings.register_hook(lambda grad: grad * mask.to(grad.device))  # only the new rows learn
+        return [{"params": lora, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate},
+                # no decay: with a zero gradient, AdamW leaves the other rows bitwise unchanged
+                {"params": [embeddings], "lr": opts.embedding_learning_rate, "weight_decay": 0.0}]
+
+    def trained_modules(self, cfg: TrainConfig) -> list[str]:
+        return ["text_encoder"]
+
+    def image_views(self, cfg: TrainConfig) -> list[tuple[str, ...]]:
+        """Every combination of the augmentations: (), (hflip,), (grayscale,), (hflip, grayscale)."""
+        return [tuple(op for k, op in enumerate(AUGMENTATIONS) if mask >> k & 1)
+                for mask in range(2 ** len(AUGMENTATIONS))]
+
+    def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
+        opts = self.options(cfg)
+        ref = np.flatnonzero(data.roles == "ref")
+        rows = rng.choice(ref, cfg.batch_size, replace=len(ref) < cfg.batch_size)
+        fired = rng.random((len(rows), len(AUGMENTATIONS))) < opts.augment_probability
+        views = self.image_views(cfg)
+        prompts, view_index = [], []
+        for row, on in zip(rows, fired):
+            ops = tuple(op for op, hit in zip(AUGMENTATIONS, on) if hit)
+            placeholder = " ".join(self.placeholders[data.tokens[row]])
+            prompts.append(TRAIN_PROMPT.format(caption=data.captions[row], placeholder=placeholder)
+                           + "".join(f", {self.placeholders[f'<{op}>'][0]}" for op in ops))
+            view_index.append(views.index(ops))
+        pool = opts.prompt_pool or PRESERVATION_CAPTIONS
+        preservation = []
+        for draw in rng.random(cfg.batch_size):
+            if draw < 0.1:
+                preservation.append("")
+            elif draw < 0.2:
+                concept = self.style.concepts[rng.integers(len(self.style.concepts))]
+                preservation.append(CLASS_PROMPT.format(class_word=concept.class_word))
+            else:
+                preservation.append(pool[rng.integers(len(pool))])
+        return TextBoostBatch(rows=rows, prompts=prompts, weights=torch.full((len(rows),), 1.0 / len(rows)),
+                              views=np.array(view_index), preservation_prompts=preservation)
+
+    def sample_timesteps(self, count: int, models: Components, generator: torch.Generator) -> torch.Tensor:
+        p = timestep_distribution(models.noise_scheduler)
+        return torch.multinomial(p.float(), count, replacement=True, generator=generator)
+
+    def extra_losses(self, models: Components, batch: TextBoostBatch) -> dict[str, torch.Tensor]:
+        from pipeline.train import encode_prompts  # imported here: pipeline.train imports the methods
+
+        if self.kpl_weight == 0:
+            return {}
+        encoder = getattr(models.text_encoder, "module", models.text_encoder)  # DDP wraps it on several workers
+        device = self.embeddings.device
+        tuned = encode_prompts(models, batch.preservation_prompts, device)
+        encoder.disable_adapters()
+        try:
+            with torch.no_grad():
+                frozen = encode_prompts(models, batch.preservation_prompts, device)
+        finally:
+            encoder.enable_adapters()
+        return {"knowledge_preservation": self.kpl_weight * cosine_distance(tuned.float(), frozen.float()).mean()}
+
+    def after_step(self, models: Components) -> None:
+        with torch.no_grad():  # the new rows stay no longer than an average word
+            rows = self.embeddings[self.new_ids]
+            scale = (self.max_norm / rows.norm(dim=1, keepdim=True)).clamp(max=1)
+            self.embeddings[self.new_ids] = rows * scale
+
+    def eval_prompt(self, content: str, style: StyleConfig) -> str:
+        placeholders = " ".join(placeholder_names(c.token, 1)[0] for c in style.concepts)
+        return TRAIN_PROMPT.format(caption=content, placeholder=placeholders)
+
+    def export(self, pipe: StableDiffusionPipeline, out_dir: Path, cfg: TrainConfig) -> None:
+        save_lora(out_dir, text_encoder=pipe.text_encoder)
+        (out_dir / "embeddings").mkdir()
+        weights = pipe.text_encoder.get_input_embeddings().weight.detach()
+        for token in self.style.tokens:
+            names = self.placeholders[token]
+            vectors = weights[pipe.tokenizer.convert_tokens_to_ids(names)].clone().cpu()
+            save_file({names[0]: vectors}, out_dir / "embeddings" / f"{token.strip('<>')}.safetensors")
+
+    def load_for_sampling(self, base_model: str, model_dir: str, device: str) -> StableDiffusionPipeline:
+        pipe = load_pipeline(base_model, device)
+        for path in sorted((Path(model_dir) / "embeddings").glob("*.safetensors")):
+            pipe.load_textual_inversion(str(path))
+        pipe.load_lora_weights(model_dir)
+        return pipe
