@@ -119,6 +119,15 @@ def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None
     return rows
 
 
+def record_metrics_in_card(model_dir: Path, row: dict) -> None:
+    """The model card travels with the model: it carries the latest evaluation of it."""
+    card_path = model_dir / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"] = {k: row[k] for k in ("run_id", "fid", "kid", "clip_t", "style_sim", "n_images",
+                                           "inception_backbone", "clip_backbone", "backbones_real")}
+    write_json_atomic(card_path, card)
+
+
 def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     """Generate and score; returns the results table path, or None when no style is left to score."""
     cfg = run.config.evaluate
@@ -164,6 +173,8 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
             "config_hash": run.config.digest()[:16], "versions": versions, "created_at": created,
         })
         run.record(job.style, f"evaluate:{job.method}", "ok")
+        if job.model_dir:
+            record_metrics_in_card(Path(job.model_dir), rows[-1])
     if not rows:
         return None
     if not all(row["backbones_real"] for row in rows):

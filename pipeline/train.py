@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class TrainJob:
     style_config: dict
     train: dict
     prior_dirs: list[str] = field(default_factory=list)  # generated class images, one folder per concept
+    data_key: str = ""  # the curated data's key: which images the model learnt from
 
     @property
     def trainer_name(self) -> str:
@@ -110,10 +112,27 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+# Per frozen text encoder: {(prompt, autocast dtype): embedding}. Weak keys: it goes when the encoder goes.
+FROZEN_PROMPT_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def encode_prompts(models: Components, prompts: list[str], device: torch.device) -> torch.Tensor:
-    ids = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids.to(device)
-    return models.text_encoder(ids)[0]
+    """Text embeddings of `prompts`. A frozen text encoder (no trainable weight) encodes each distinct prompt
+    once: its output never changes, so later steps reuse it."""
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = models.tokenizer(texts, padding="max_length", max_length=models.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids.to(device)
+        return models.text_encoder(ids)[0]
+
+    if any(p.requires_grad for p in models.text_encoder.parameters()):
+        return encode(prompts)
+    cache = FROZEN_PROMPT_EMBEDDINGS.setdefault(models.text_encoder, {})
+    precision = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    new = [p for p in dict.fromkeys(prompts) if (p, precision) not in cache]
+    if new:
+        with torch.no_grad():
+            cache.update({(p, precision): embedding for p, embedding in zip(new, encode(new))})
+    return torch.stack([cache[(p, precision)] for p in prompts])
 
 
 def denoising_loss(models: Components, method: Method, latents: torch.Tensor, text: torch.Tensor,
@@ -196,6 +215,39 @@ def load_trained_weights(models: Components, modules: list[str], folder: Path) -
         module.load_state_dict(state, strict=False)  # the frozen rest is the base model's
 
 
+def apply_fast_paths(models: Components, cfg: TrainConfig) -> None:
+    """Apply cfg's step-speed options to the prepared models (on their device); check attention is PyTorch SDPA."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    other = {type(p).__name__ for p in models.unet.attn_processors.values() if not isinstance(p, AttnProcessor2_0)}
+    if other:
+        raise RuntimeError(f"UNet attention runs {sorted(other)}, not PyTorch SDPA (AttnProcessor2_0)")
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if any(p.requires_grad for p in models.text_encoder.parameters()):
+            models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+    if cfg.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        models.unet.compile()  # in place: parameter names, hence checkpoints, stay those of the plain UNet
+
+
+def build_optimizer(param_groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as cfg.optimizer names it; "auto" is the fused kernel on CUDA and PyTorch's default elsewhere."""
+    name = cfg.optimizer if cfg.optimizer != "auto" else "adamw_fused" if device.type == "cuda" else "adamw"
+    if name == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ImportError("train.optimizer: adamw_8bit needs the bitsandbytes package (pip install "
+                              "bitsandbytes); or choose optimizer: adamw or adamw_fused") from None
+        return bitsandbytes.optim.AdamW8bit(param_groups, weight_decay=cfg.weight_decay)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)  # foreach kernels on CUDA
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: the loop every method shares."""
     import ray.train
@@ -217,7 +269,8 @@ def train_loop_per_worker(config: dict) -> None:
     for part in (models.vae, models.text_encoder, models.unet):
         part.to(device)
     cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+    apply_fast_paths(models, cfg)
+    optimizer = build_optimizer(param_groups, cfg, device)
 
     step, losses = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -251,7 +304,7 @@ def write_model(job: TrainJob, method: Method, write: Callable[[Path], None], **
     """Write the model folder with `write`, plus its card (the key and `facts`); it appears whole or not at all."""
     style = StyleConfig.model_validate(job.style_config)
     card = {"key": job.key, "style": job.style, "method": job.method, "base_model": job.base_model,
-            "tokens": style.tokens, **facts, "train": job.train, "data": Path(job.curated_path).name,
+            "tokens": style.tokens, **facts, "train": job.train, "data": {"file": Path(job.curated_path).name, "key": job.data_key},
             "eval_prompt_example": method.eval_prompt("a red circle on a blue background", style)}
     Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent))
@@ -345,7 +398,7 @@ def plan_training(run: Run) -> list[TrainJob]:
                               code_version("train.py", "methods", "models.py", "lora.py")),
                 model_dir=str(run.model_dir(style.name, method)), log_path=str(run.train_log(style.name, method)),
                 storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(), train=cfg.model_dump(),
-                prior_dirs=prior_dirs))
+                prior_dirs=prior_dirs, data_key=data_key))
     return jobs
 
 

@@ -8,13 +8,11 @@ second term keeps the model's own idea of the class while the first binds the to
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.methods.base import Batch, ClassImages, StyleData
-from pipeline.methods.styleboost import INSTANCE_PROMPT, StyleBoost
+from pipeline.methods.base import ClassImages, StyleData
+from pipeline.methods.styleboost import StyleBoost
 
 
 class DreamBoothOptions(BaseModel):
@@ -30,6 +28,9 @@ class DreamBooth(StyleBoost):
 
     name = "dreambooth"
     Options = DreamBoothOptions
+    prior_role = "prior"
+    missing_prior = ("no class images; the priors stage (pipeline.priors.generate_class_images) "
+                     "generates them before training")
 
     def class_images(self, style: StyleConfig, cfg: TrainConfig) -> list[ClassImages]:
         if cfg.prior_loss_weight == 0:
@@ -39,25 +40,5 @@ class DreamBooth(StyleBoost):
                             num_inference_steps=opts.class_inference_steps,
                             guidance_scale=opts.class_guidance_scale) for c in style.concepts]
 
-    def check_data(self, data: StyleData, cfg: TrainConfig) -> None:
-        for concept in range(data.num_concepts):
-            if not len(data.indices("ref", concept)):
-                raise ValueError(f"concept {concept} has no StyleRef images")
-            if cfg.prior_loss_weight > 0 and not len(data.indices("prior", concept)):
-                raise ValueError(f"concept {concept} has no class images; the priors stage "
-                                 "(pipeline.priors.generate_class_images) generates them before training")
-
-    def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
-        concept = int(rng.integers(data.num_concepts))
-        ref = data.indices("ref", concept)
-        rows = rng.choice(ref, cfg.batch_size, replace=len(ref) < cfg.batch_size)
-        prompts = [INSTANCE_PROMPT.format(caption=data.captions[i], token=data.tokens[i],
-                                          class_word=data.class_words[i]) for i in rows]
-        weights = [1.0 / cfg.batch_size] * cfg.batch_size
-        if cfg.prior_loss_weight > 0:
-            prior = data.indices("prior", concept)
-            prior_rows = rng.choice(prior, cfg.batch_size, replace=len(prior) < cfg.batch_size)
-            rows = np.concatenate([rows, prior_rows])
-            prompts += [data.captions[i] for i in prior_rows]  # the class prompt each image was generated from
-            weights += [cfg.prior_loss_weight / cfg.batch_size] * cfg.batch_size
-        return Batch(rows=rows, prompts=prompts, weights=torch.tensor(weights))
+    def prior_prompt(self, data: StyleData, row: int) -> str:
+        return data.captions[row]  # the class prompt the image was generated from

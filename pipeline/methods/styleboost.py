@@ -19,14 +19,19 @@ CLASS_PROMPT = "{caption}, {class_word}"
 
 class StyleBoost(Method):
     name = "styleboost"
+    prior_role = "aux"  # which rows of StyleData the prior term draws from
+    missing_prior = ("no Aux images; StyleBoost needs them as its prior "
+                     "(add images to the concept's aux folder, or set prior_loss_weight: 0)")
+
+    def prior_prompt(self, data: StyleData, row: int) -> str:
+        return CLASS_PROMPT.format(caption=data.captions[row], class_word=data.class_words[row])
 
     def check_data(self, data: StyleData, cfg: TrainConfig) -> None:
         for concept in range(data.num_concepts):
             if not len(data.indices("ref", concept)):
                 raise ValueError(f"concept {concept} has no StyleRef images")
-            if cfg.prior_loss_weight > 0 and not len(data.indices("aux", concept)):
-                raise ValueError(f"concept {concept} has no Aux images; StyleBoost needs them as its prior "
-                                 "(add images to the concept's aux folder, or set prior_loss_weight: 0)")
+            if cfg.prior_loss_weight > 0 and not len(data.indices(self.prior_role, concept)):
+                raise ValueError(f"concept {concept} has {self.missing_prior}")
 
     def prepare(self, models: Components, cfg: TrainConfig) -> list[dict]:
         models.vae.requires_grad_(False)
@@ -48,12 +53,11 @@ class StyleBoost(Method):
         prompts = [INSTANCE_PROMPT.format(caption=data.captions[i], token=data.tokens[i],
                                           class_word=data.class_words[i]) for i in rows]
         weights = [1.0 / cfg.batch_size] * cfg.batch_size
-        aux = data.indices("aux", concept)
         if cfg.prior_loss_weight > 0:
-            aux_rows = rng.choice(aux, cfg.batch_size, replace=len(aux) < cfg.batch_size)
-            rows = np.concatenate([rows, aux_rows])
-            prompts += [CLASS_PROMPT.format(caption=data.captions[i], class_word=data.class_words[i])
-                        for i in aux_rows]
+            prior = data.indices(self.prior_role, concept)
+            prior_rows = rng.choice(prior, cfg.batch_size, replace=len(prior) < cfg.batch_size)
+            rows = np.concatenate([rows, prior_rows])
+            prompts += [self.prior_prompt(data, i) for i in prior_rows]
             weights += [cfg.prior_loss_weight / cfg.batch_size] * cfg.batch_size
         return Batch(rows=rows, prompts=prompts, weights=torch.tensor(weights))
 

@@ -1,0 +1,67 @@
+"""One run config sweeping every method over a style: a row per style x method (plus base), on one protocol."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from jobs import all_styles
+from pipeline.methods import METHODS
+from tests.conftest import make_style
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    make_style(root / "styles", "inkwash", "qvz", n_ref=5, n_aux=5)
+    config = {
+        "name": "sweep", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
+        "methods": sorted(METHODS),
+        "train": {"max_steps": STEPS, "checkpoint_every": STEPS, "method_options": {
+            "dreambooth": {"num_class_images": 2, "class_inference_steps": 2},
+            "styledrop": {"feedback_candidates": 2, "feedback_inference_steps": 2,
+                          "feedback_prompts": ["a red circle", "a blue square"]},
+            "stylealigned": {"inversion_steps": 2},
+        }},
+        "evaluate": {"prompts": ["a red circle on a blue background", "a yellow star"], "seeds": [0],
+                     "num_inference_steps": 2},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root / "results" / "sweep", all_styles.main(["--config", str(path)])
+
+
+def test_a_row_per_method_plus_base_on_one_protocol(sweep):
+    run_dir, exit_code = sweep
+    assert exit_code == 0, (run_dir / "summary.json").read_text()
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert sorted(results.method) == sorted(["base", *METHODS])
+    protocol = results[["n_images", "n_reference", "inception_backbone", "clip_backbone", "config_hash"]]
+    assert len(protocol.drop_duplicates()) == 1  # identical prompts, seeds and backbones for every model
+    assert results.seeds.map(list).map(tuple).nunique() == 1
+    assert results[["fid", "kid", "clip_t", "style_sim"]].notna().all().all()
+
+
+def test_every_model_has_a_card_with_its_data_and_metrics(sweep):
+    run_dir, _ = sweep
+    for method in METHODS:
+        card = json.loads((run_dir / "models" / "inkwash" / method / "model_card.json").read_text())
+        assert card["method"] == method and card["tokens"] == ["qvz"] and card["data"]["key"]
+        assert card["steps"] == (0 if method == "stylealigned" else STEPS)
+        assert set(card["metrics"]) >= {"kid", "fid", "clip_t", "style_sim"}
+
+
+def test_exports_have_the_files_other_tools_load(sweep):
+    run_dir, _ = sweep
+    models = run_dir / "models" / "inkwash"
+    for full in ("styleboost", "dreambooth"):
+        assert (models / full / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    for lora in ("textboost", "styledrop"):
+        files = {p.name for p in (models / lora).rglob("*.safetensors")}
+        assert "pytorch_lora_weights.safetensors" in files and any("kohya" in f for f in files), files
+    assert list((models / "textboost").rglob("embeddings/*.safetensors"))
+    assert (models / "styledrop-round1" / "feedback" / "curated.parquet").is_file()
