@@ -9,7 +9,7 @@ CONFIG ?=
 STYLES ?=
 JOB_ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(STYLES),--style $(s))
 
-.PHONY: install all-styles curate train evaluate report test styles clean
+.PHONY: install all-styles curate train evaluate report test bench styles clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -26,6 +26,9 @@ curate train evaluate report: $(STAMP)  ## one stage alone
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)  ## speed, as ratios against references timed in the same run (python -m bench.run --help)
+	$(PY) -m bench.run
 
 styles: $(STAMP)  ## regenerate the example styles from the procedural toy world
 	$(PY) scripts/make_example_styles.py --out styles

@@ -68,7 +68,13 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1)  # data-parallel workers per style
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; bf16 on GPUs that have it (A100, H100)
+    # Fast-step options (pipeline.train.apply_fast_paths); the defaults suit both CPU and GPU.
+    # "auto": fused AdamW on CUDA, plain AdamW on CPU; adamw_8bit needs bitsandbytes (for 16 GB GPUs, full FT).
+    optimizer: Literal["auto", "adamw", "adamw_fused", "adamw_8bit"] = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in backward: ~+1/3 compute, far less memory
+    channels_last: bool = False  # NHWC UNet convolutions; try true on GPU with bf16
+    compile: bool = False  # torch.compile the UNet: faster steps after a compile of minutes; for long GPU runs
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per method: its Options schema
 
     @field_validator("method_options")

@@ -20,6 +20,7 @@ import ray
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import StyleConfig, TrainConfig
@@ -217,15 +218,13 @@ def load_trained_weights(models: Components, modules: list[str], folder: Path) -
 
 def apply_fast_paths(models: Components, cfg: TrainConfig) -> None:
     """Apply cfg's step-speed options to the prepared models (on their device); check attention is PyTorch SDPA."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     other = {type(p).__name__ for p in models.unet.attn_processors.values() if not isinstance(p, AttnProcessor2_0)}
     if other:
         raise RuntimeError(f"UNet attention runs {sorted(other)}, not PyTorch SDPA (AttnProcessor2_0)")
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if any(p.requires_grad for p in models.text_encoder.parameters()):
-            models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.text_encoder.activation_checkpointing_enable()
             models.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
     if cfg.channels_last:
         models.unet.to(memory_format=torch.channels_last)
@@ -307,7 +306,7 @@ def write_model(job: TrainJob, method: Method, write: Callable[[Path], None], **
             "tokens": style.tokens, **facts, "train": job.train, "data": {"file": Path(job.curated_path).name, "key": job.data_key},
             "eval_prompt_example": method.eval_prompt("a red circle on a blue background", style)}
     Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent))
+    tmp = Path(tempfile.mkdtemp(dir=Path(job.model_dir).parent, prefix=f".{job.method}."))
     write(tmp)
     write_json_atomic(tmp / "model_card.json", card)
     replace_dir_atomic(tmp, Path(job.model_dir))
@@ -327,11 +326,11 @@ def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
     load_trained_weights(models, method.trained_modules(cfg), checkpoint_dir)
     pipe.text_encoder, pipe.unet = models.text_encoder, models.unet
     state = json.loads((checkpoint_dir / "state.json").read_text())
-    card = write_model(job, method, lambda out: method.export(pipe, out, cfg),
-                       steps=state["step"], final_loss=state["losses"][-1])
+    # The log first: the model card marks the job done, so a crash between the two must not lose the log.
     log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(state["losses"]))
     write_text_atomic(Path(job.log_path), log)
-    return card
+    return write_model(job, method, lambda out: method.export(pipe, out, cfg),
+                       steps=state["step"], final_loss=state["losses"][-1])
 
 
 @ray.remote
@@ -431,7 +430,8 @@ def _explain(err: Exception, job: TrainJob) -> str:
     message = text[-1] if text else type(err).__name__
     if "out of memory" in str(err).lower():
         message += (f" -- style {job.style!r} ran out of GPU memory: lower train.batch_size, set "
-                    "mixed_precision: bf16, or raise gpus_per_worker")
+                    "train.mixed_precision: bf16 or train.gradient_checkpointing: true, or give each worker "
+                    "a whole GPU (train.gpus_per_worker: 1)")
     return message
 
 
