@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import platform
+import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +22,7 @@ import ray
 from PIL import Image
 
 from pipeline import metrics
-from pipeline.files import code_version, sha256_of, write_json_atomic, write_parquet_atomic
+from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_parquet_atomic
 from pipeline.generate import DEFAULT_PROMPTS, SampleJob, generate_all, sample_name
 from pipeline.methods import get_method
 from pipeline.models import resolve_base_model
@@ -78,10 +79,12 @@ def reference_images(run: Run, style: str) -> list[Image.Image]:
     """The curated StyleRef images (the metric reference), also written as PNGs for the report."""
     table = pq.read_table(run.curated(style), columns=["role", "image"]).to_pydict()
     images = [Image.open(io.BytesIO(b)).convert("RGB") for r, b in zip(table["role"], table["image"]) if r == "ref"]
-    out = run.samples_dir(style, "ref")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run.samples_dir(style, "ref")  # replaced whole: no half-written or stale PNG from an earlier run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     for i, image in enumerate(images):
-        image.save(out / f"ref_{i:03d}.png")
+        image.save(tmp / f"ref_{i:03d}.png")
+    replace_dir_atomic(tmp, out)
     return images
 
 

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -23,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")  # renders without a display (cluster nodes, CI)
 import matplotlib.pyplot as plt
 import pandas as pd
+
+from pipeline.files import replace_dir_atomic, write_text_atomic
 
 BASE_METHOD = "base"
 REPORT_FILENAME = "report.html"
@@ -87,15 +90,17 @@ def write_report(run_dir: str | Path) -> Path:
     results = order_rows(results)
     prompts = json.loads((run_dir / "samples" / "prompts.json").read_text())
 
+    # Plots are drawn into a hidden folder that replaces report_assets/ whole, just before the page itself.
     assets_dir = run_dir / ASSETS_DIRNAME
-    assets_dir.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{ASSETS_DIRNAME}."))
     colors = method_colors(results)
     plots = [
-        plot_alignment_scatter(results, colors, assets_dir / "clip_t_vs_style_sim.png"),
-        plot_kid_bars(results, colors, assets_dir / "kid_by_style.png"),
-        plot_loss_curves(run_dir, results, colors, assets_dir / "loss.png"),
+        plot_alignment_scatter(results, colors, staging / "clip_t_vs_style_sim.png"),
+        plot_kid_bars(results, colors, staging / "kid_by_style.png"),
+        plot_loss_curves(run_dir, results, colors, staging / "loss.png"),
     ]
-    plot_tags = [img_tag(relative_src(run_dir, path), path.stem, "plot") for path in plots if path is not None]
+    plot_tags = [img_tag(relative_src(run_dir, assets_dir / path.name), path.stem, "plot")
+                 for path in plots if path is not None]
 
     styles = list(pd.unique(results["style"]))
     anchors = {style: f"style-{i}" for i, style in enumerate(styles)}
@@ -122,8 +127,9 @@ def write_report(run_dir: str | Path) -> Path:
         f"<title>Style Factory report: {esc(run_id)}</title>\n"
         f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
     )
+    replace_dir_atomic(staging, assets_dir)
     report_path = run_dir / REPORT_FILENAME
-    report_path.write_text(page, encoding="utf-8")
+    write_text_atomic(report_path, page)
     return report_path
 
 
