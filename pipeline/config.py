@@ -125,6 +125,9 @@ class RunConfig(Strict):
     results_dir: str = "results"
     styles: list[str] = Field(default_factory=list)  # subset to run; empty = every folder in styles_dir
     methods: list[str] | None = None  # sweep these over every style; None = each style's own
+    # Trainings in flight at once; None = as many as the cluster's current CPUs/GPUs fit. On an autoscaling
+    # cluster set it to what the cluster can grow to, so waiting trainings ask the autoscaler for nodes.
+    max_concurrent_trainings: int | None = Field(None, ge=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

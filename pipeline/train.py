@@ -401,16 +401,37 @@ def plan_training(run: Run) -> list[TrainJob]:
     return jobs
 
 
-def train_all(jobs: list[TrainJob]) -> dict[tuple[str, str], dict]:
-    """Fan out every job not already done; a failing style never stops the others."""
+def trainings_that_fit(jobs: list[TrainJob]) -> int:
+    """How many trainings the cluster's current resources run at once (at least one)."""
+    resources = ray.cluster_resources()
+    fits = []
+    for job in jobs:
+        cfg = TrainConfig.model_validate(job.train)
+        if cfg.gpus_per_worker:
+            fits.append(resources.get("GPU", 0) // (cfg.gpus_per_worker * cfg.num_workers))
+        else:
+            fits.append(resources.get("CPU", 1) // (cfg.cpus_per_worker * cfg.num_workers))
+    return max(1, int(min(fits, default=1)))
+
+
+def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[tuple[str, str], dict]:
+    """Fan out every job not already done, `max_concurrent` at a time; a failing style never stops the others.
+
+    More trainings in flight than the cluster can run would only wait, each holding a driver process's memory.
+    """
     outcomes: dict[tuple[str, str], dict] = {}
-    pending = {}
+    waiting = []
     for job in jobs:
         if job.is_done():
             outcomes[(job.style, job.method)] = {"status": "reused", "model_dir": job.model_dir}
         else:
+            waiting.append(job)
+    limit = max_concurrent or trainings_that_fit(waiting)
+    pending = {}
+    while waiting or pending:
+        while waiting and len(pending) < limit:
+            job = waiting.pop(0)
             pending[fit_style.remote(job)] = job
-    while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
         try:
@@ -438,7 +459,7 @@ def _explain(err: Exception, job: TrainJob) -> str:
 def train_styles(run: Run) -> dict[tuple[str, str], str]:
     """Train (or reuse) every live style x method; returns {(style, method): model folder} of the usable ones."""
     generate_class_images(run)  # the generated priors the jobs read (DreamBooth), each set once
-    outcomes = train_all(plan_training(run))
+    outcomes = train_all(plan_training(run), run.config.max_concurrent_trainings)
     trained = {}
     for (style, method), outcome in outcomes.items():
         run.record(style, f"train:{method}", "ok" if outcome["status"] == "trained" else

@@ -69,10 +69,17 @@ def test_results_table_has_a_row_per_style_and_model(finished_run):
     run_dir, _, _ = finished_run
     results = pd.read_parquet(run_dir / "results.parquet")
     assert sorted(zip(results["style"], results["method"])) == sorted(
-        (s, m) for s in STYLES for m in ("base", "styleboost"))
+        (s, m) for s in STYLES for m in ("base", "styleboost", "noise-floor"))
+    noise_floor = results[results.method == "noise-floor"]
+    assert (noise_floor.n_images - noise_floor.n_reference).isin([0, 1]).all()  # even/odd halves of StyleRef
+    assert noise_floor.clip_t.isna().all() and noise_floor.kid.notna().all()
+    results = results[results.method != "noise-floor"].reset_index(drop=True)
     assert (results.n_images == 4).all() and (results.seeds.map(list) == pd.Series([[0, 1]] * 4)).all()
-    for column in ("fid", "kid", "clip_t", "style_sim"):
+    for column in ("fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high", "clip_t", "clip_t_ci_low",
+                   "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high"):
         assert results[column].notna().all(), column
+    features = pd.read_parquet(run_dir / "features.parquet")
+    assert len(features) == 2 * (results.n_images.sum() + results.groupby("style").n_reference.first().sum())
     assert (~results.backbones_real).all() and results.inception_backbone.str.contains("NOT REAL").all()
     assert results.config_hash.nunique() == 1 and "torch" in json.loads(results.versions[0])
     base_prompt = results[(results["style"] == "anime") & (results.method == "base")].prompt.item()
@@ -109,3 +116,19 @@ def test_rerun_reuses_finished_stages(finished_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert all(stages["curate"] == "reused" and stages["train:styleboost"] == "reused" for stages in summary.values())
     assert [p.stat().st_mtime_ns for p in watched] == before
+
+
+def test_fan_out_keeps_no_more_trainings_in_flight_than_the_cluster_runs(ray_session):
+    from dataclasses import replace
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import TrainJob, trainings_that_fit
+
+    cpus = ray_session.cluster_resources()["CPU"]
+    job = TrainJob(style="s", method="styleboost", key="k", base_model="", curated_path="", model_dir="",
+                   log_path="", storage_path="", style_config={}, train=TrainConfig(cpus_per_worker=1).model_dump())
+    assert trainings_that_fit([job]) == int(cpus)
+    two_cpus = replace(job, train=TrainConfig(cpus_per_worker=2).model_dump())
+    assert trainings_that_fit([job, two_cpus]) == max(1, int(cpus // 2))  # the largest job sets the pace
+    gpu = replace(job, train=TrainConfig(gpus_per_worker=1).model_dump())
+    assert trainings_that_fit([gpu]) == max(1, int(ray_session.cluster_resources().get("GPU", 0)))
