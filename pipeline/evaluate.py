@@ -4,6 +4,10 @@ Per style and model: FID and KID (clean-fid's functions on Inception features) a
 StyleRef images, CLIP-T (image vs. the content prompt without style words) and CLIP style similarity
 (image vs. the StyleRef images), with open_clip. The backbones used, and whether they are real
 weights or the tiny stand-ins, are written into every row.
+
+Uncertainty: one seeded bootstrap over each model's images gives kid_std and 95% intervals of KID,
+CLIP-T and style similarity. A `noise-floor` row per style scores half the StyleRef images against the
+other half. Every image is embedded once per backbone; the features go to features.parquet.
 """
 from __future__ import annotations
 
@@ -33,11 +37,20 @@ RESULTS_SCHEMA = pa.schema([
     ("tokens", pa.string()), ("base_model", pa.string()), ("prompt", pa.string()),
     ("n_images", pa.int32()), ("n_reference", pa.int32()), ("seeds", pa.list_(pa.int64())),
     ("fid", pa.float64()), ("kid", pa.float64()), ("kid_std", pa.float64()),
-    ("clip_t", pa.float64()), ("style_sim", pa.float64()),
+    ("kid_ci_low", pa.float64()), ("kid_ci_high", pa.float64()),
+    ("clip_t", pa.float64()), ("clip_t_ci_low", pa.float64()), ("clip_t_ci_high", pa.float64()),
+    ("style_sim", pa.float64()), ("style_sim_ci_low", pa.float64()), ("style_sim_ci_high", pa.float64()),
     ("inception_backbone", pa.string()), ("clip_backbone", pa.string()), ("backbones_real", pa.bool_()),
     ("samples_dir", pa.string()), ("model_dir", pa.string()), ("config_hash", pa.string()),
     ("versions", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
 ])
+# One row per image per backbone: every metric can be recomputed from it without a GPU.
+FEATURES_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("style", pa.string()), ("method", pa.string()), ("image", pa.string()),
+    ("prompt_index", pa.int32()), ("seed", pa.int64()), ("backbone", pa.string()),
+    ("feature", pa.list_(pa.float32())),
+])
+NOISE_FLOOR = "noise-floor"  # the method name of the split-half StyleRef row
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip_torch", "pyarrow", "scipy")
 
 
@@ -88,9 +101,99 @@ def reference_images(run: Run, style: str) -> list[Image.Image]:
     return images
 
 
+def stored_features(features: np.ndarray) -> np.ndarray:
+    """Features as features.parquet keeps them (float32): metrics use exactly these, so they recompute exactly."""
+    return features.astype(np.float32)
+
+
+def image_scores(feats: np.ndarray, gen_clip: np.ndarray, text_emb: np.ndarray | None,
+                 ref_feats: np.ndarray, ref_clip: np.ndarray, seed: int) -> dict:
+    """FID, KID and CLIP scores of one image set against a reference set, with bootstrap spreads.
+
+    One seeded bootstrap over the scored images (the reference set stays fixed) gives kid_std and the
+    95% percentile intervals; without texts (the noise floor) clip_t and its interval are NaN.
+    """
+    resamples = metrics.bootstrap_indices(len(feats), seed)
+    kid_values = metrics.kid_bootstrap(feats, ref_feats, resamples)
+    style_per_image = metrics.style_cosines(gen_clip, ref_clip)
+    scores = {
+        "fid": metrics.fid(feats, ref_feats),
+        "kid": metrics.kid(feats, ref_feats, seed=seed),
+        "kid_std": float(np.nanstd(kid_values, ddof=1)),
+        "style_sim": float(style_per_image.mean()),
+        "clip_t": float("nan"), "clip_t_ci_low": float("nan"), "clip_t_ci_high": float("nan"),
+    }
+    scores["kid_ci_low"], scores["kid_ci_high"] = metrics.percentile_interval(kid_values)
+    scores["style_sim_ci_low"], scores["style_sim_ci_high"] = metrics.percentile_interval(
+        style_per_image[resamples].mean(axis=1))
+    if text_emb is not None:
+        text_per_image = metrics.image_text_cosines(gen_clip, text_emb)
+        scores["clip_t"] = float(text_per_image.mean())
+        scores["clip_t_ci_low"], scores["clip_t_ci_high"] = metrics.percentile_interval(
+            text_per_image[resamples].mean(axis=1))
+    return scores
+
+
+def feature_rows(run_id: str, run_dir: Path, style: str, method: str, paths: list[str],
+                 prompt_indices: list[int | None], seeds: list[int | None], backbone: str,
+                 features: np.ndarray) -> list[dict]:
+    return [{"run_id": run_id, "style": style, "method": method, "image": str(Path(path).relative_to(run_dir)),
+             "prompt_index": prompt_index, "seed": seed, "backbone": backbone, "feature": feature}
+            for path, prompt_index, seed, feature in zip(paths, prompt_indices, seeds, features)]
+
+
+def score_entries(entries: list[dict], inception, clip, seed: int, run_id: str,
+                  run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Embed every image once per backbone and score each (style, model) entry, plus a noise floor per style.
+
+    Returns the score rows and the per-image feature rows (the content of features.parquet).
+    """
+    backbone_names = {"inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
+                      "backbones_real": inception.info.real and clip.info.real}
+    references: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    rows, features = [], []
+
+    def embed(style: str, method: str, paths: list[str], prompt_indices: list, seeds: list):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        feats, gen_clip = stored_features(inception.embed(images)), stored_features(clip.embed_images(images))
+        for backbone, embedded in ((inception.info.name, feats), (clip.info.name, gen_clip)):
+            features.extend(feature_rows(run_id, run_dir, style, method, paths, prompt_indices, seeds,
+                                         backbone, embedded))
+        return feats, gen_clip
+
+    for entry in entries:
+        style, method = entry["style"], entry["method"]
+        try:
+            if style not in references:
+                no_index = [None] * len(entry["reference"])
+                references[style] = embed(style, "ref", entry["reference"], no_index, no_index)
+                rows.append(noise_floor_row(style, *references[style], seed, backbone_names))
+            ref_feats, ref_clip = references[style]
+            feats, gen_clip = embed(style, method, entry["images"], entry["prompt_indices"], entry["seeds"])
+            text_emb = clip.embed_texts(entry["texts"])
+            rows.append({"style": style, "method": method, "n_images": len(feats), "n_reference": len(ref_feats),
+                         **image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed), **backbone_names})
+        except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
+            rows.append({"style": style, "method": method, "error": f"{type(err).__name__}: {err}"})
+    return rows, features
+
+
+def noise_floor_row(style: str, ref_feats: np.ndarray, ref_clip: np.ndarray, seed: int,
+                    backbone_names: dict) -> dict:
+    """The StyleRef set scored against itself, split even/odd: what "as good as the references" looks like."""
+    half_a, half_b = slice(0, None, 2), slice(1, None, 2)
+    try:
+        scores = image_scores(ref_feats[half_a], ref_clip[half_a], None, ref_feats[half_b], ref_clip[half_b], seed)
+    except ValueError as err:  # e.g. too few StyleRef images for two halves of two
+        return {"style": style, "method": NOISE_FLOOR, "error": f"{type(err).__name__}: {err}"}
+    return {"style": style, "method": NOISE_FLOOR, "n_images": len(ref_feats[half_a]),
+            "n_reference": len(ref_feats[half_b]), **scores, **backbone_names}
+
+
 @ray.remote(num_cpus=1)
-def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None) -> list[dict]:
-    """Load the backbones once and score every (style, model) entry."""
+def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None, run_id: str,
+                 run_dir: str) -> tuple[list[dict], list[dict]]:
+    """Load the backbones once and score every (style, model) entry: see score_entries."""
     import torch
 
     from pipeline.backbones import load_clip, load_inception
@@ -98,28 +201,7 @@ def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None
     torch.set_num_threads(1)
     inception = load_inception(evaluate_cfg["inception"], models_dir)
     clip = load_clip(evaluate_cfg["clip"], models_dir)
-    reference_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    rows = []
-    for entry in entries:
-        try:
-            if entry["style"] not in reference_cache:
-                refs = [Image.open(p).convert("RGB") for p in entry["reference"]]
-                reference_cache[entry["style"]] = (inception.embed(refs), clip.embed_images(refs))
-            ref_feats, ref_clip = reference_cache[entry["style"]]
-            images = [Image.open(p).convert("RGB") for p in entry["images"]]
-            feats, gen_clip = inception.embed(images), clip.embed_images(images)
-            rows.append({
-                "style": entry["style"], "method": entry["method"],
-                "fid": metrics.fid(feats, ref_feats),
-                "kid": metrics.kid(feats, ref_feats, seed=evaluate_cfg["kid_seed"]),
-                "clip_t": metrics.clip_text_alignment(gen_clip, clip.embed_texts(entry["texts"])),
-                "style_sim": metrics.style_similarity(gen_clip, ref_clip),
-                "inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
-                "backbones_real": inception.info.real and clip.info.real,
-            })
-        except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
-            rows.append({"style": entry["style"], "method": entry["method"], "error": f"{type(err).__name__}: {err}"})
-    return rows
+    return score_entries(entries, inception, clip, evaluate_cfg["kid_seed"], run_id, Path(run_dir))
 
 
 def record_metrics_in_card(model_dir: Path, row: dict) -> None:
@@ -147,38 +229,50 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
         if job.style not in references:
             count = len(reference_images(run, job.style))
             references[job.style] = [str(run.samples_dir(job.style, "ref") / f"ref_{i:03d}.png") for i in range(count)]
-        images = [str(Path(job.out_dir) / sample_name(i, s)) for i in range(len(contents)) for s in job.seeds]
-        texts = [c for c in contents for _ in job.seeds]
-        entries.append({"style": job.style, "method": job.method, "images": images, "texts": texts,
-                        "reference": references[job.style]})
+        pairs = [(i, seed) for i in range(len(contents)) for seed in job.seeds]
+        entries.append({"style": job.style, "method": job.method,
+                        "images": [str(Path(job.out_dir) / sample_name(i, seed)) for i, seed in pairs],
+                        "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
+                        "texts": [contents[i] for i, _ in pairs], "reference": references[job.style]})
         by_key[(job.style, job.method)] = job
     if not entries:
         return None
-    scores = ray.get(score_models.remote(entries, cfg.model_dump(), run.config.model.models_dir))
+    scores, features = ray.get(score_models.remote(entries, cfg.model_dump(), run.config.model.models_dir,
+                                                   run.config.name, str(run.dir)))
+    write_parquet_atomic(pa.Table.from_pylist(features, schema=FEATURES_SCHEMA), run.dir / "features.parquet")
     versions = json.dumps({"python": platform.python_version(), **{p: version(p) for p in PACKAGES}})
-    created = datetime.now(timezone.utc)
+    run_fields = {"run_id": run.config.name, "base_model": run.config.model.base,
+                  "config_hash": run.config.digest()[:16], "versions": versions,
+                  "created_at": datetime.now(timezone.utc)}
     styles = {s.name: s for s in run.styles}
     rows = []
     for score in scores:
+        style = styles[score["style"]]
+        if score["method"] == NOISE_FLOOR:  # a reference point, not a model: not a stage of the summary
+            if "error" in score:
+                print(f"[evaluate] no noise floor for {style.name}: {score['error']}", flush=True)
+                continue
+            rows.append({
+                **score, **run_fields, "display_name": style.config.display_name, "tokens": "", "prompt": "",
+                "seeds": [], "samples_dir": str(run.samples_dir(style.name, "ref").relative_to(run.dir)),
+                "model_dir": "",
+            })
+            continue
         job = by_key[(score["style"], score["method"])]
         if "error" in score:
             run.record(job.style, f"evaluate:{job.method}", score["error"])
             continue
-        style = styles[score["style"]]
         rows.append({
-            **score, "run_id": run.config.name, "display_name": style.config.display_name,
+            **score, **run_fields, "display_name": style.config.display_name,
             "tokens": "" if job.method == "base" else " ".join(style.config.tokens),
-            "base_model": run.config.model.base, "prompt": job.prompts[0],
-            "n_images": len(contents) * len(job.seeds), "n_reference": len(references[job.style]),
-            "seeds": list(job.seeds), "kid_std": float("nan"),
+            "prompt": job.prompts[0], "seeds": list(job.seeds),
             "samples_dir": str(Path(job.out_dir).relative_to(run.dir)),
             "model_dir": str(Path(job.model_dir).relative_to(run.dir)) if job.model_dir else "",
-            "config_hash": run.config.digest()[:16], "versions": versions, "created_at": created,
         })
         run.record(job.style, f"evaluate:{job.method}", "ok")
         if job.model_dir:
             record_metrics_in_card(Path(job.model_dir), rows[-1])
-    if not rows:
+    if all(row["method"] == NOISE_FLOOR for row in rows):
         return None
     if not all(row["backbones_real"] for row in rows):
         print(f"[evaluate] WARNING: metrics use tiny stand-in backbones ({rows[0]['inception_backbone']}, "

@@ -73,15 +73,60 @@ def kid_unbiased(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 def clip_text_alignment(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
     """CLIP-T: mean cosine between image i and its prompt i (raw cosine, not x100)."""
+    return float(image_text_cosines(image_emb, text_emb).mean())
+
+
+def image_text_cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Cosine between image i and its prompt i, one per image."""
     image_emb, text_emb = as_feature_pair(image_emb, text_emb, min_rows=1, names=("image_emb", "text_emb"))
     if image_emb.shape[0] != text_emb.shape[0]:
         raise ValueError(f"need one text per image, got {image_emb.shape[0]} images and {text_emb.shape[0]} texts")
-    cosines = np.sum(unit_rows(image_emb, "image_emb") * unit_rows(text_emb, "text_emb"), axis=1)
-    return float(cosines.mean())
+    return np.sum(unit_rows(image_emb, "image_emb") * unit_rows(text_emb, "text_emb"), axis=1)
 
 
 def style_similarity(gen_emb: np.ndarray, ref_emb: np.ndarray) -> float:
     """CLIP-I style score: mean over generated images of their mean cosine to the reference images."""
+    return float(style_cosines(gen_emb, ref_emb).mean())
+
+
+def style_cosines(gen_emb: np.ndarray, ref_emb: np.ndarray) -> np.ndarray:
+    """Mean cosine of each generated image to the reference images, one per generated image."""
     gen_emb, ref_emb = as_feature_pair(gen_emb, ref_emb, min_rows=1, names=("gen_emb", "ref_emb"))
     cosines = unit_rows(gen_emb, "gen_emb") @ unit_rows(ref_emb, "ref_emb").T  # (n_gen, n_ref)
-    return float(cosines.mean(axis=1).mean())
+    return cosines.mean(axis=1)
+
+
+# ----------------------------------------------------------------------------- bootstrap over images
+
+
+def bootstrap_indices(n: int, seed: int, resamples: int = 200) -> np.ndarray:
+    """(resamples, n) row indices drawn with replacement: the same draws for every metric of one model."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval; NaN values (degenerate resamples) are left out."""
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def kid_bootstrap(feats_a: np.ndarray, feats_b: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Unbiased KID (as `kid_unbiased`) of each resample feats_a[indices[r]] against all of feats_b.
+
+    A resample repeats images; pairs of copies of one image are left out of the within-set mean like the
+    diagonal is, else k(x, x) would inflate it. A resample of a single distinct image gives NaN.
+    """
+    feats_a, feats_b = as_feature_pair(feats_a, feats_b, min_rows=2)
+    dim, n_b = feats_a.shape[1], feats_b.shape[0]
+    k_aa = (feats_a @ feats_a.T / dim + 1) ** 3
+    k_bb = (feats_b @ feats_b.T / dim + 1) ** 3
+    mean_bb = (k_bb.sum() - np.trace(k_bb)) / (n_b * (n_b - 1))
+    mean_ab_per_image = ((feats_a @ feats_b.T / dim + 1) ** 3).mean(axis=1)
+    values = np.empty(len(indices))
+    for r, idx in enumerate(indices):
+        distinct_pairs = idx[:, None] != idx[None, :]
+        pair_count = distinct_pairs.sum()
+        mean_aa = k_aa[np.ix_(idx, idx)][distinct_pairs].sum() / pair_count if pair_count else np.nan
+        values[r] = mean_aa + mean_bb - 2 * mean_ab_per_image[idx].mean()
+    return values

@@ -28,6 +28,7 @@ import pandas as pd
 from pipeline.files import replace_dir_atomic, write_text_atomic
 
 BASE_METHOD = "base"
+NOISE_FLOOR = "noise-floor"  # StyleRef split-half row: a reference point, not a model
 REPORT_FILENAME = "report.html"
 ASSETS_DIRNAME = "report_assets"
 TINY_BACKBONE_WARNING = "metrics computed with tiny stand-in backbones: not comparable to published numbers"
@@ -65,6 +66,7 @@ table.metrics th { background: #f5f5f5; text-align: left; }
 table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.metrics td.best { background: #d4f4dc; font-weight: bold; }
 table.metrics tr.first-of-style td { border-top: 2px solid #999; }
+table.metrics tr.noise-floor td { color: #666; font-style: italic; }
 .plots { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
 .refs { display: flex; flex-wrap: wrap; gap: 4px; }
@@ -108,7 +110,9 @@ def write_report(run_dir: str | Path) -> Path:
         header_html(results, prompts),
         "<h2>Leaderboard</h2>",
         '<p class="muted">Lower is better for KID and FID, higher for CLIP-T and style similarity; '
-        "the best value per style is highlighted.</p>",
+        "the best value per style is highlighted. KID ± its bootstrap standard deviation; hover a cell for its "
+        f"95% bootstrap interval. The <code>{NOISE_FLOOR}</code> row scores one half of the StyleRef images "
+        "against the other: what “as good as the references themselves” looks like.</p>",
         metrics_table(results, style_anchors=anchors, table_id="leaderboard"),
         "<h2>Plots</h2>",
         '<div class="plots">' + "".join(plot_tags) + "</div>",
@@ -138,10 +142,12 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def order_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Styles in order of first appearance; within a style, base first, then methods as they appear."""
+    """Styles in order of first appearance; within a style, base first, then methods as they appear,
+    then the noise floor."""
     style_rank = {style: i for i, style in enumerate(pd.unique(results["style"]))}
     method_rank = {method: i for i, method in enumerate(pd.unique(results["method"]))}
     method_rank[BASE_METHOD] = -1
+    method_rank[NOISE_FLOOR] = len(method_rank)
     order = sorted(
         range(len(results)),
         key=lambda i: (style_rank[results["style"].iat[i]], method_rank[results["method"].iat[i]]),
@@ -154,7 +160,8 @@ def is_finite(value: object) -> bool:
 
 
 def best_values(style_rows: pd.DataFrame) -> dict[str, float]:
-    """Best value of each metric within one style; only where there is something to compare."""
+    """Best value of each metric among one style's models; only where there is something to compare."""
+    style_rows = style_rows[style_rows["method"] != NOISE_FLOOR]
     best = {}
     for metric in METRICS:
         values = [float(v) for v in style_rows[metric.column] if is_finite(v)]
@@ -171,6 +178,14 @@ def format_metric(row: pd.Series, metric: Metric) -> str:
     if metric.column == "kid" and is_finite(row["kid_std"]):
         text += f" ± {float(row['kid_std']) * metric.scale:.{metric.decimals}f}"
     return text
+
+
+def interval_title(row: pd.Series, metric: Metric) -> str:
+    """The metric's 95% bootstrap interval, for the cell's tooltip; empty when there is none."""
+    low, high = row.get(f"{metric.column}_ci_low"), row.get(f"{metric.column}_ci_high")
+    if not (is_finite(low) and is_finite(high)):
+        return ""
+    return f"95% CI [{float(low) * metric.scale:.{metric.decimals}f}, {float(high) * metric.scale:.{metric.decimals}f}]"
 
 
 def distinct_text(series: pd.Series) -> str:
@@ -216,6 +231,7 @@ def header_html(results: pd.DataFrame, prompts: list[dict]) -> str:
         f" · evaluated {esc(results['created_at'].max())}"
         f" · config <code>{esc(distinct_text(results['config_hash']))}</code></p>",
     ]
+    models = results[results["method"] != NOISE_FLOOR]
     # Unknown (null) counts as not real: the banner should err on the loud side.
     if not results["backbones_real"].fillna(False).astype(bool).all():
         lines.append(f'<div class="banner">⚠ {esc(TINY_BACKBONE_WARNING)}</div>')
@@ -223,9 +239,9 @@ def header_html(results: pd.DataFrame, prompts: list[dict]) -> str:
         "<h2>Protocol</h2>",
         "<ul>",
         f"<li>{len(prompts)} content prompts × {len(seeds)} seeds ({esc(', '.join(map(str, seeds)))})"
-        f" → {esc(distinct_text(results['n_images']))} images per model</li>",
-        f"<li>Reference: {esc(distinct_text(results['n_reference']))} StyleRef images per style</li>",
-        f"<li>{len(pd.unique(results['style']))} styles, methods: {esc(distinct_text(results['method']))}</li>",
+        f" → {esc(distinct_text(models['n_images']))} images per model</li>",
+        f"<li>Reference: {esc(distinct_text(models['n_reference']))} StyleRef images per style</li>",
+        f"<li>{len(pd.unique(results['style']))} styles, methods: {esc(distinct_text(models['method']))}</li>",
         f"<li>Backbones: Inception <code>{esc(distinct_text(results['inception_backbone']))}</code>,"
         f" CLIP <code>{esc(distinct_text(results['clip_backbone']))}</code></li>",
         "<li>CLIP-T: image-text cosine against the prompt without the style token;"
@@ -257,9 +273,13 @@ def metrics_table(rows: pd.DataFrame, style_anchors: dict[str, str] | None = Non
         for metric in METRICS:
             is_best = metric.column in best and is_finite(row[metric.column]) and row[metric.column] == best[metric.column]
             css_class = "num best" if is_best else "num"
-            cells.append(f'<td class="{css_class}">{esc(format_metric(row, metric))}</td>')
+            title = interval_title(row, metric)
+            title_attr = f' title="{esc(title)}"' if title else ""
+            cells.append(f'<td class="{css_class}"{title_attr}>{esc(format_metric(row, metric))}</td>')
         cells.append(f'<td class="num">{esc(row["n_images"])}</td>')
-        row_class = ' class="first-of-style"' if show_style and row["style"] != previous_style else ""
+        row_classes = (["first-of-style"] if show_style and row["style"] != previous_style else []) + (
+            ["noise-floor"] if row["method"] == NOISE_FLOOR else [])
+        row_class = f' class="{" ".join(row_classes)}"' if row_classes else ""
         body.append(f"<tr{row_class}>" + "".join(cells) + "</tr>")
         previous_style = row["style"]
 
@@ -278,7 +298,8 @@ def style_section(run_dir: Path, style_rows: pd.DataFrame, prompts: list[dict], 
         refs = "".join(img_tag(relative_src(run_dir, path), path.name, "thumb") for path in ref_paths)
     else:
         refs = '<span class="muted">no StyleRef images found</span>'
-    grids = "".join(sample_grid(run_dir, row, prompts) for _, row in style_rows.iterrows())
+    grids = "".join(sample_grid(run_dir, row, prompts) for _, row in style_rows.iterrows()
+                    if row["method"] != NOISE_FLOOR)  # its images are the StyleRef ones, shown above
     return (
         f'<section id="{anchor}">'
         f"<h2>{esc(first['display_name'])} <code>{esc(first['style'])}</code></h2>"

@@ -92,6 +92,22 @@ def test_kid_is_near_zero_for_one_distribution_and_large_for_shifted_ones():
     assert shifted > 50 * abs(same)
 
 
+def test_kid_bootstrap_leaves_copies_of_one_image_out_of_the_within_set_mean():
+    rng = np.random.default_rng(0)
+    feats, ref_feats = rng.normal(size=(6, 4)), rng.normal(size=(5, 4))
+    identity = np.arange(6)[None, :]
+    assert metrics.kid_bootstrap(feats, ref_feats, identity)[0] == pytest.approx(metrics.kid_unbiased(feats, ref_feats))
+    doubled = np.array([[0, 0, 1, 1, 2, 2]])  # each image twice: the same pairs as the three distinct images
+    assert metrics.kid_bootstrap(feats, ref_feats, doubled)[0] == pytest.approx(
+        metrics.kid_unbiased(feats[:3], ref_feats))
+    assert np.isnan(metrics.kid_bootstrap(feats, ref_feats, np.zeros((1, 6), dtype=int))[0])
+
+
+def test_percentile_interval_leaves_out_nan_resamples():
+    values = np.array([np.nan, *range(101)], dtype=float)
+    assert metrics.percentile_interval(values) == pytest.approx((2.5, 97.5))
+
+
 # ----------------------------------------------------------------------------- CLIP scores
 
 

@@ -30,8 +30,14 @@ RESULTS_SCHEMA = pa.schema([
     ("fid", pa.float64()),
     ("kid", pa.float64()),
     ("kid_std", pa.float64()),
+    ("kid_ci_low", pa.float64()),
+    ("kid_ci_high", pa.float64()),
     ("clip_t", pa.float64()),
+    ("clip_t_ci_low", pa.float64()),
+    ("clip_t_ci_high", pa.float64()),
     ("style_sim", pa.float64()),
+    ("style_sim_ci_low", pa.float64()),
+    ("style_sim_ci_high", pa.float64()),
     ("inception_backbone", pa.string()),
     ("clip_backbone", pa.string()),
     ("backbones_real", pa.bool_()),
@@ -76,7 +82,8 @@ def make_run(
             write_png(run_dir / "samples" / style / "ref" / f"ref_{ref_index}.png", (200, 40 * ref_index, 0))
         for method_index, method in enumerate(methods):
             samples_dir = f"samples/{style}/{method}"
-            for prompt_index in range(len(PROMPTS)):
+            is_noise_floor = method == "noise-floor"  # the StyleRef halves: no samples of its own
+            for prompt_index in range(0 if is_noise_floor else len(PROMPTS)):
                 for seed in SEEDS:
                     write_png(run_dir / samples_dir / f"p{prompt_index:03d}_s{seed}.png", (0, 100 * method_index, 50 * seed))
             is_base = method == "base"
@@ -95,6 +102,8 @@ def make_run(
                 "fid": math.nan if style_index == 1 else 100.0 - 10 * method_index,
                 "kid": 0.05 - 0.02 * method_index + 0.01 * style_index,
                 "kid_std": math.nan if is_base else 0.004,
+                "kid_ci_low": math.nan if is_base else 0.025,
+                "kid_ci_high": math.nan if is_base else 0.036,
                 "clip_t": 0.30 - 0.01 * method_index + 0.005 * style_index,
                 "style_sim": 0.50 + 0.2 * method_index - 0.05 * style_index,
                 "inception_backbone": "tiny-inception",
@@ -106,6 +115,11 @@ def make_run(
                 "versions": json.dumps({"torch": "2.4.0"}),
                 "created_at": datetime(2024, 1, 1, tzinfo=timezone.utc),
             })
+            if is_noise_floor:
+                rows[-1].update({"tokens": "", "prompt": "", "seeds": [], "n_images": 2, "n_reference": 1,
+                                 "kid": 0.001, "kid_std": 0.0005, "kid_ci_low": 0.0, "kid_ci_high": 0.002,
+                                 "clip_t": math.nan, "style_sim": 0.99, "samples_dir": f"samples/{style}/ref",
+                                 "model_dir": ""})
     pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), run_dir / "results.parquet")
 
     first_style = next(iter(methods_by_style))
@@ -249,3 +263,17 @@ def test_text_from_data_is_escaped(tmp_path: Path) -> None:
     parsed = parse(report)
     assert "script" not in parsed.tags
     assert "<script>alert('x')</script>" in "".join(parsed.text)
+
+
+def test_noise_floor_row_comes_last_unhighlighted_and_without_a_grid(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["noise-floor", "base", "styleboost"]})
+    report = write_report(run_dir)
+    parsed = parse(report)
+    assert [row[1][1] for row in parsed.leaderboard_rows] == ["base", "styleboost", "noise-floor"]
+    floor = parsed.leaderboard_rows[-1]
+    assert all("best" not in css_class for css_class, _ in floor)  # lowest KID, but not a model
+    assert floor[2][1] == "1.00 ± 0.50" and floor[4][1] == "n/a"
+    assert "best" in parsed.leaderboard_rows[1][2][0]  # styleboost still wins KID among the models
+    html_text = report.read_text(encoding="utf-8")
+    assert 'title="95% CI [25.00, 36.00]"' in html_text
+    assert "<h3>noise-floor</h3>" not in html_text and "images per model</li>" in html_text

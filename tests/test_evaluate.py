@@ -1,0 +1,104 @@
+"""Scoring without Ray: score_entries on tiny PNGs with the tiny backbones."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline import backbones, metrics
+from pipeline.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, score_entries
+
+PROMPTS = ["a red circle", "a blue square", "a green star"]
+SEEDS = [0, 1]
+N_REFERENCE = 7  # odd: the two noise-floor halves differ in size (4 and 3)
+
+
+def write_pngs(folder: Path, count: int, seed: int, brightness: int) -> list[str]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 100, size=(32, 32, 3)) + brightness
+        path = folder / f"img_{i:03d}.png"
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_backbones():
+    with pytest.warns(UserWarning, match="NOT comparable"):
+        inception = backbones.load_inception("tiny")
+    with pytest.warns(UserWarning, match="NOT comparable"):
+        clip = backbones.load_clip("tiny")
+    return inception, clip
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_backbones, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    reference = write_pngs(run_dir / "samples" / "ink" / "ref", N_REFERENCE, seed=0, brightness=0)
+    pairs = [(i, seed) for i in range(len(PROMPTS)) for seed in SEEDS]
+    entries = [{"style": "ink", "method": method, "images": write_pngs(run_dir / "samples" / "ink" / method, len(pairs),
+                                                                         seed=1 + m, brightness=60 * m),
+                "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
+                "texts": [PROMPTS[i] for i, _ in pairs], "reference": reference}
+               for m, method in enumerate(["base", "styleboost"])]
+    rows, features = score_entries(entries, *tiny_backbones, seed=0, run_id="test", run_dir=run_dir)
+    table = pa.Table.from_pylist(features, schema=FEATURES_SCHEMA).to_pandas()
+    return {row["method"]: row for row in rows}, table
+
+
+def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(scored, tiny_backbones):
+    rows, features = scored
+    inception, clip = tiny_backbones
+    per_method = features.groupby(["method", "backbone"]).size().to_dict()
+    n_images = len(PROMPTS) * len(SEEDS)
+    assert per_method == {("base", inception.info.name): n_images, ("base", clip.info.name): n_images,
+                          ("styleboost", inception.info.name): n_images, ("styleboost", clip.info.name): n_images,
+                          ("ref", inception.info.name): N_REFERENCE, ("ref", clip.info.name): N_REFERENCE}
+    ref = features[features.method == "ref"]
+    assert ref.image.str.startswith("samples/ink/ref/").all() and ref.prompt_index.isna().all()
+    base = features[(features.method == "base") & (features.backbone == inception.info.name)]
+    assert list(base.prompt_index) == [0, 0, 1, 1, 2, 2] and list(base.seed) == SEEDS * 3
+
+    def stacked(method: str, backbone: str) -> np.ndarray:
+        return np.stack(features[(features.method == method) & (features.backbone == backbone)].feature.to_list())
+
+    for method in ("base", "styleboost"):
+        gen, ref_feats = stacked(method, inception.info.name), stacked("ref", inception.info.name)
+        assert metrics.kid(gen, ref_feats, seed=0) == rows[method]["kid"]
+        assert metrics.fid(gen, ref_feats) == rows[method]["fid"]
+        style_sim = metrics.style_similarity(stacked(method, clip.info.name), stacked("ref", clip.info.name))
+        assert style_sim == rows[method]["style_sim"]
+
+
+def test_kid_spread_and_intervals_hold_their_point_estimates(scored):
+    rows, _ = scored
+    for method in ("base", "styleboost", NOISE_FLOOR):
+        row = rows[method]
+        assert math.isfinite(row["kid_std"]) and row["kid_std"] > 0
+        for name in ("kid", "style_sim") + (() if method == NOISE_FLOOR else ("clip_t",)):
+            assert row[f"{name}_ci_low"] <= row[name] <= row[f"{name}_ci_high"], (method, name)
+            assert row[f"{name}_ci_low"] < row[f"{name}_ci_high"], (method, name)
+    assert rows["styleboost"]["kid"] > rows["base"]["kid"]  # brighter images lie further from the references
+
+
+def test_intervals_are_reproducible_under_the_seed():
+    rng = np.random.default_rng(0)
+    feats, ref_feats = rng.normal(size=(12, 8)), rng.normal(size=(10, 8))
+    gen_clip, ref_clip, text_emb = rng.normal(size=(12, 4)), rng.normal(size=(10, 4)), rng.normal(size=(12, 4))
+    first = image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed=3)
+    assert image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed=3) == first
+    assert image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed=4)["kid_ci_low"] != first["kid_ci_low"]
+
+
+def test_noise_floor_scores_the_two_halves_of_the_references(scored):
+    rows, _ = scored
+    floor = rows[NOISE_FLOOR]
+    assert (floor["n_images"], floor["n_reference"]) == (4, 3)  # even and odd indices of 7
+    assert math.isnan(floor["clip_t"]) and math.isnan(floor["clip_t_ci_low"]) and math.isnan(floor["clip_t_ci_high"])
+    assert floor["kid"] < rows["styleboost"]["kid"]
+
