@@ -6,7 +6,6 @@ so every style, method and run asking for the same set shares one copy, generate
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

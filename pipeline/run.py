@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -117,7 +116,3 @@ def finish(run: Run) -> int:
     if failed:
         print(f"{len(failed)} style(s) failed: {', '.join(failed)} (details in {run.dir / 'summary.json'})")
     return 1 if failed else 0
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)
