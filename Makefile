@@ -9,7 +9,7 @@ CONFIG ?=
 STYLES ?=
 JOB_ARGS = $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(STYLES),--style $(s))
 
-.PHONY: install all-styles curate train evaluate report test bench styles clean
+.PHONY: install all-styles curate train evaluate report test bench styles pretrain fetch-weights clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -32,6 +32,12 @@ bench: $(STAMP)  ## speed, as ratios against references timed in the same run (p
 
 styles: $(STAMP)  ## regenerate the example styles from the procedural toy world
 	$(PY) scripts/make_example_styles.py --out styles
+
+pretrain: $(STAMP)  ## retrain tiny-pretrained and the toy backbone into pipeline/assets (~1 h on 2 CPU cores)
+	$(PY) scripts/train_tiny_pretrained.py
+
+fetch-weights: $(STAMP)  ## download the real Inception, CLIP and DINO weights, checked (MODELS_DIR=... to choose)
+	$(PY) scripts/fetch_weights.py $(if $(MODELS_DIR),--models-dir $(MODELS_DIR))
 
 clean:  ## remove run outputs (keeps the venv)
 	find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

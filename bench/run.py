@@ -42,10 +42,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.reference_loop import PRECISIONS, ReferenceLoop
-from pipeline.backbones import tiny_clip, tiny_inception
+from pipeline.backbones import toy_clip, toy_inception
 from pipeline.config import CurateConfig, RunConfig, TrainConfig, load_styles
 from pipeline.curate import DecodeBatch, curate_styles, decode_all, list_candidates
-from pipeline.generate import DEFAULT_PROMPTS, SampleJob, generate_images
+from pipeline.generate import TOY_PROMPTS, SampleJob, generate_images
 from pipeline.methods import StyleData, get_method
 from pipeline.models import Components, load_components, resolve_base_model
 from pipeline.run import Run, start_ray
@@ -254,14 +254,14 @@ def bench_curation(resolution: int) -> dict:
 def bench_evaluation(workdir: Path, base_model: str, device: torch.device) -> dict:
     """A third of one model's default evaluation set through generate_images, then features of those images."""
     seeds, steps = [0, 1], 20
-    job = SampleJob(style="bench", method="base", base_model=base_model, model_dir="", prompts=DEFAULT_PROMPTS[:8],
+    job = SampleJob(style="bench", method="base", base_model=base_model, model_dir="", prompts=TOY_PROMPTS[:8],
                     seeds=seeds, out_dir=str(workdir / "samples"), key="bench", resolution=64,
                     num_inference_steps=steps, guidance_scale=5.0)
     start = time.perf_counter()
     generate_images(job, str(device))  # loading the pipeline and writing the PNGs included, as in the stage
     generate_s = time.perf_counter() - start
     images = [Image.open(path).convert("RGB") for path in sorted((workdir / "samples").glob("*.png"))]
-    inception, clip = tiny_inception(str(device)), tiny_clip(str(device))
+    inception, clip = toy_inception(str(device)), toy_clip(str(device))
     embedders = {"inception": inception.embed, "clip": clip.embed_images}
     feature_images = images * 4  # two batches of 32
     features_s = {}
@@ -300,7 +300,7 @@ def table(results: dict) -> str:
         (f"generate {e['images']} images, tiny, {e['inference_steps']} steps (img/s)",
          f"{e['generated_images_per_s']:.1f}", "", ""),
     ]
-    rows += [(f"features of {e['feature_images']} images, tiny {name} (img/s)", f"{rate:.0f}", "", "")
+    rows += [(f"features of {e['feature_images']} images, toy {name} (img/s)", f"{rate:.0f}", "", "")
              for name, rate in e["feature_images_per_s"].items()]
     header = f"Style Factory benchmark, {results['date']}, {results['device']}, torch {results['torch']}"
     return "\n".join([header] + [f"{a:62s}{b:>18s}{c:>11s}{d:>11s}" for a, b, c, d in rows])

@@ -1,17 +1,23 @@
-"""Metric backbones: Inception (FID/KID features) and CLIP (CLIP-T, style similarity).
+"""Metric backbones: Inception (FID/KID features), CLIP (CLIP-T, style similarity) and DINO (style consistency).
 
 Real weights are used when they are on disk; nothing is ever downloaded. When they are
-missing, a tiny random-init stand-in is built instead, labelled "NOT REAL" in its name
-and announced with a warning: its numbers are only good for comparing runs made with
-the same stand-in, never for comparing with published FID/KID/CLIP scores.
+missing, the toy CLIP shipped in pipeline/assets/toy-clip (trained by the project on the toy
+world, pipeline/pretrain.py) stands in for both, labelled "NOT REAL" in its name and announced
+with a warning: its numbers tell models of the toy world apart and are only comparable to other
+runs made with it, never to published FID/KID/CLIP scores.
 
 Where weights are looked for with spec="auto":
   Inception: `inception-2015-12-05.pt` in `models_dir`, then /tmp (where clean-fid itself
     downloads it), then ~/.cache/style-factory/.
-  CLIP: `open_clip_vit_b_32.safetensors` in `models_dir` (OpenAI ViT-B/32 weights in
-    open_clip format), then the local Hugging Face cache entry of
+  CLIP: `open_clip_vit_b_32.safetensors` in `models_dir`, then ~/.cache/style-factory/ (OpenAI
+    ViT-B/32 weights in open_clip format), then the local Hugging Face cache entry of
     timm/vit_base_patch32_clip_224.openai (the file open_clip itself would download).
+  DINO: `dino_vit_small_patch16_224.safetensors` in `models_dir`, then ~/.cache/style-factory/
+    (timm's vit_small_patch16_224.dino), then the local Hugging Face cache entry of that model.
+  `make fetch-weights` (scripts/fetch_weights.py) downloads all three there, checked.
 """
+
+from __future__ import annotations
 
 import hashlib
 import warnings
@@ -21,12 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import timm
 import torch
 import torch.nn as nn
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import make_resizer
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+from pipeline import toyworld
+from pipeline.renderers import RENDERERS
 
 INCEPTION_FILE_NAME = "inception-2015-12-05.pt"
 CLEANFID_INCEPTION_DIR = Path("/tmp")  # clean-fid's own hard-coded download folder
@@ -40,15 +53,6 @@ CLIP_HF_FILE_NAME = "open_clip_model.safetensors"
 # with plain GELU (most LAION ones) need an explicit "ViT-B-32:/path/to/file".
 DEFAULT_CLIP_ARCH = "ViT-B-32-quickgelu"
 
-TINY_SEED = 0
-TINY_INCEPTION_IMAGE_SIZE = 64
-# 64-d so that the feature covariance is full rank with the ~100-300 images per set we score.
-TINY_INCEPTION_DIM = 64
-TINY_CLIP_CONFIG = dict(
-    embed_dim=64,
-    vision_cfg=dict(image_size=64, patch_size=16, width=64, head_width=32, layers=2),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-)
 NOT_REAL_WARNING = (
     "numbers from it are NOT comparable to published {metrics} scores, "
     "only to other runs made with the same stand-in."
@@ -57,9 +61,9 @@ NOT_REAL_WARNING = (
 
 @dataclass
 class BackboneInfo:
-    name: str  # e.g. "inception-2015-12-05" or "tiny-random-inception (NOT REAL: offline stand-in)"
+    name: str  # e.g. "inception-2015-12-05" or "toy-clip CLIP (NOT REAL: trained on the toy world)"
     real: bool
-    sha256: str | None  # of the weight file when real
+    sha256: str | None  # of the weight file
 
 
 def sha256_of_file(path: Path) -> str:
@@ -74,11 +78,128 @@ def batches(items: list, batch_size: int) -> list[list]:
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def build_with_fixed_seed(build: Callable[[], nn.Module], seed: int = TINY_SEED) -> nn.Module:
-    """Random init under a fixed seed, leaving the caller's global torch RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
+# ---------------------------------------------------------------------------------------
+# The toy CLIP: trained by the project on the toy world (pipeline/pretrain.py)
+# ---------------------------------------------------------------------------------------
+
+TOY_CLIP_VISION = dict(image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4)
+TOY_CLIP_DIR_NAME = "toy-clip"
+ATTRIBUTES: dict[str, tuple[str, ...]] = {  # what the linear heads read from the image embedding
+    "kind": toyworld.KINDS,
+    "color": tuple(toyworld.COLORS),
+    "size": tuple(toyworld.SIZES),
+    "background": tuple(toyworld.BACKGROUNDS),
+    "look": tuple(RENDERERS),
+}
+OBJECT_ATTRIBUTES = ("kind", "color", "size")  # labelled for single-object scenes only
+
+
+def attribute_targets(scenes: list[toyworld.Scene], looks: list[str]) -> dict[str, torch.Tensor]:
+    """Class indices per head; -100 (ignored by cross-entropy) for object attributes of two-object scenes."""
+    targets = {}
+    for name, classes in ATTRIBUTES.items():
+        values = []
+        for scene, look in zip(scenes, looks):
+            if name == "look":
+                values.append(classes.index(look))
+            elif name == "background":
+                values.append(classes.index(scene.background))
+            elif len(scene.objects) == 1:
+                values.append(classes.index(getattr(scene.objects[0], name)))
+            else:
+                values.append(-100)
+        targets[name] = torch.tensor(values)
+    return targets
+
+
+class ToyClip(nn.Module):
+    """A transformers CLIPModel plus linear attribute heads on its image embedding.
+
+    Stored without its text tower, which is tiny-pretrained's text encoder (loaded from there): one copy.
+    Images go in as uint8 (N, 64, 64, 3) tensors or PIL images; `encode_image`/`encode_text` give the
+    open_clip interface that ClipBackbone uses.
+    """
+
+    def __init__(self, clip: CLIPModel):
+        super().__init__()
+        self.clip = clip
+        dim = clip.config.projection_dim
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, len(classes)) for name, classes in ATTRIBUTES.items()})
+
+    @staticmethod
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW in [-1, 1]."""
+        return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        size = self.clip.config.vision_config.image_size
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        return self.normalise(torch.from_numpy(np.asarray(image).copy())[None])[0]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip.get_image_features(pixel_values=pixels).pooler_output  # the projected embedding
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.get_text_features(input_ids=input_ids).pooler_output
+
+    def attribute_loss(self, image_embeds: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(F.cross_entropy(self.heads[name](image_embeds), targets[name]) for name in ATTRIBUTES)
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        embeds = self.encode_image(self.normalise(images))
+        return {name: head(embeds).argmax(dim=1) for name, head in self.heads.items()}
+
+    def text_encoder(self) -> CLIPTextModel:
+        """The text tower as a standalone CLIPTextModel, the diffusion model's text encoder."""
+        text_encoder = CLIPTextModel(self.clip.config.text_config)
+        text_encoder.load_state_dict(self.clip.text_model.state_dict())
+        return text_encoder.eval()
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.clip.config.to_json_file(folder / "config.json")
+        state = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("clip.text_model.")}
+        save_file(state, str(folder / "model.safetensors"))
+
+    @classmethod
+    def load(cls, folder: Path, text_encoder_folder: Path) -> ToyClip:
+        toy = cls(CLIPModel(CLIPConfig.from_json_file(folder / "config.json")))
+        missing, unexpected = toy.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        if unexpected or any(not k.startswith("clip.text_model.") for k in missing):
+            raise ValueError(f"{folder / 'model.safetensors'} does not match its config.json")
+        text_encoder = CLIPTextModel.from_pretrained(text_encoder_folder, use_safetensors=True)
+        toy.clip.text_model.load_state_dict(text_encoder.state_dict())
+        return toy.eval()
+
+
+class ToyClipImageFeatures(nn.Module):
+    """The toy CLIP's image embedding in the Inception slot: input float in [0, 255], NCHW."""
+
+    def __init__(self, toy: ToyClip):
+        super().__init__()
+        self.toy = toy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.toy.encode_image(x / 127.5 - 1)
+
+
+def toy_clip_model() -> ToyClip:
+    from pipeline.models import ASSETS_DIR, TINY_PRETRAINED_DIR_NAME  # models imports diffusers: only when needed
+
+    folder = ASSETS_DIR / TOY_CLIP_DIR_NAME
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the toy backbone is missing: {folder}; run scripts/train_tiny_pretrained.py")
+    return ToyClip.load(folder, ASSETS_DIR / TINY_PRETRAINED_DIR_NAME / "text_encoder")
+
+
+def toy_info(kind: str) -> BackboneInfo:
+    from pipeline.models import ASSETS_DIR
+
+    weight_file = ASSETS_DIR / TOY_CLIP_DIR_NAME / "model.safetensors"
+    return BackboneInfo(name=f"toy-clip {kind} (NOT REAL: trained on the toy world)", real=False,
+                        sha256=sha256_of_file(weight_file))
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,34 +207,9 @@ def build_with_fixed_seed(build: Callable[[], nn.Module], seed: int = TINY_SEED)
 # ---------------------------------------------------------------------------------------
 
 
-class TinyInception(nn.Module):
-    """A few strided convs + global average pooling; input float in [0, 255], NCHW."""
+class FeatureExtractor:
+    """Images -> feature rows through clean-fid's resizer and a model taking float NCHW in [0, 255]."""
 
-    def __init__(self, feature_dim: int = TINY_INCEPTION_DIM):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(3, 32, kernel_size=3, stride=2, padding=1),  # 64 -> 32
-            nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1),  # 32 -> 16
-            nn.ReLU(),
-            nn.Conv2d(64, feature_dim, kernel_size=3, stride=2, padding=1),  # 16 -> 8
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        # He init keeps activations O(1) through the ReLUs (PyTorch's default shrinks them
-        # layer by layer), so features have roughly Inception's scale and KID's cubic
-        # kernel (x.y/d + 1)^3 does not flatten to a constant.
-        for layer in self.layers:
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers((x - 128) / 128)  # same input scaling as clean-fid's InceptionV3W
-
-
-class InceptionBackbone:
     def __init__(self, model: nn.Module, image_size: int, info: BackboneInfo, device: str):
         self.model = model.to(device).eval()
         # clean-fid's "clean" mode resizer: PIL bicubic on float32 channels, no quantisation
@@ -143,32 +239,32 @@ def find_inception_file(models_dir: str | None) -> Path | None:
     return None
 
 
-def real_inception(weight_file: Path, device: str) -> InceptionBackbone:
+def real_inception(weight_file: Path, device: str) -> FeatureExtractor:
     model = InceptionV3W(str(weight_file.parent), download=False, resize_inside=False)
     info = BackboneInfo(name="inception-2015-12-05", real=True, sha256=sha256_of_file(weight_file))
-    return InceptionBackbone(model, image_size=299, info=info, device=device)
+    return FeatureExtractor(model, image_size=299, info=info, device=device)
 
 
-def tiny_inception(device: str) -> InceptionBackbone:
-    model = build_with_fixed_seed(TinyInception)
-    info = BackboneInfo(name="tiny-random-inception (NOT REAL: offline stand-in)", real=False, sha256=None)
-    return InceptionBackbone(model, image_size=TINY_INCEPTION_IMAGE_SIZE, info=info, device=device)
+def toy_inception(device: str) -> FeatureExtractor:
+    toy = toy_clip_model()
+    return FeatureExtractor(ToyClipImageFeatures(toy), image_size=toy.clip.config.vision_config.image_size,
+                             info=toy_info("image embedding"), device=device)
 
 
-def load_inception(spec: str = "auto", models_dir: str | None = None, device: str = "cpu") -> InceptionBackbone:
-    """spec: "auto" (search, else tiny), "tiny", or a path to inception-2015-12-05.pt or its folder."""
-    if spec == "tiny":
-        warnings.warn("Using the tiny random-init Inception stand-in: " + NOT_REAL_WARNING.format(metrics="FID/KID"))
-        return tiny_inception(device)
+def load_inception(spec: str = "auto", models_dir: str | None = None, device: str = "cpu") -> FeatureExtractor:
+    """spec: "auto" (search, else toy), "toy", or a path to inception-2015-12-05.pt or its folder."""
+    if spec == "toy":
+        warnings.warn("Using the toy CLIP's image embedding for FID/KID: " + NOT_REAL_WARNING.format(metrics="FID/KID"))
+        return toy_inception(device)
     if spec == "auto":
         weight_file = find_inception_file(models_dir)
         if weight_file is None:
             warnings.warn(
                 f"NO REAL INCEPTION WEIGHTS: {INCEPTION_FILE_NAME} not found in models_dir={models_dir}, "
-                f"{CLEANFID_INCEPTION_DIR} or {STYLE_FACTORY_CACHE_DIR}. Using a tiny random-init stand-in; "
+                f"{CLEANFID_INCEPTION_DIR} or {STYLE_FACTORY_CACHE_DIR}. Using the toy CLIP's image embedding; "
                 + NOT_REAL_WARNING.format(metrics="FID/KID")
             )
-            return tiny_inception(device)
+            return toy_inception(device)
         return real_inception(weight_file, device)
 
     weight_file = Path(spec).expanduser()
@@ -221,9 +317,17 @@ class ClipBackbone:
             return unit_rows_float64(self.model.encode_text(tokens))
 
 
+def find_in_folders(file_name: str, models_dir: str | None) -> Path | None:
+    """`file_name` in models_dir, then in ~/.cache/style-factory (where scripts/fetch_weights.py puts it)."""
+    for folder in ([Path(models_dir)] if models_dir else []) + [STYLE_FACTORY_CACHE_DIR]:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    return None
+
+
 def find_clip_file(models_dir: str | None) -> Path | None:
-    if models_dir and (Path(models_dir) / CLIP_FILE_NAME).is_file():
-        return Path(models_dir) / CLIP_FILE_NAME
+    if found := find_in_folders(CLIP_FILE_NAME, models_dir):
+        return found
     cached = try_to_load_from_cache(CLIP_HF_REPO, CLIP_HF_FILE_NAME)  # local lookup only, never downloads
     if isinstance(cached, str):  # None or a "known missing" sentinel otherwise
         return Path(cached)
@@ -238,29 +342,33 @@ def real_clip(arch: str, weight_file: Path, device: str) -> ClipBackbone:
     return ClipBackbone(model, preprocess, open_clip.get_tokenizer(arch), info, device)
 
 
-def tiny_clip(device: str) -> ClipBackbone:
-    model = build_with_fixed_seed(lambda: open_clip.CLIP(**TINY_CLIP_CONFIG))
-    preprocess = open_clip.image_transform(TINY_CLIP_CONFIG["vision_cfg"]["image_size"], is_train=False)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the real CLIP BPE tokenizer, context 77
-    info = BackboneInfo(name="tiny-random-clip (NOT REAL: offline stand-in)", real=False, sha256=None)
-    return ClipBackbone(model, preprocess, tokenizer, info, device)
+def toy_clip(device: str) -> ClipBackbone:
+    from pipeline.models import clip_tokenizer
+
+    toy, tokenizer = toy_clip_model(), clip_tokenizer()
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
+    return ClipBackbone(toy, toy.preprocess, tokenize, toy_info("CLIP"), device)
 
 
 def load_clip(spec: str = "auto", models_dir: str | None = None, device: str = "cpu") -> ClipBackbone:
-    """spec: "auto" (search, else tiny), "tiny", or an open_clip checkpoint as "path" or "ARCH:path"
+    """spec: "auto" (search, else toy), "toy", or an open_clip checkpoint as "path" or "ARCH:path"
     (e.g. "ViT-B-32:/models/clip.safetensors"); the default ARCH is ViT-B-32-quickgelu (OpenAI weights)."""
-    if spec == "tiny":
-        warnings.warn("Using the tiny random-init CLIP stand-in: " + NOT_REAL_WARNING.format(metrics="CLIP"))
-        return tiny_clip(device)
+    if spec == "toy":
+        warnings.warn("Using the toy CLIP: " + NOT_REAL_WARNING.format(metrics="CLIP"))
+        return toy_clip(device)
     if spec == "auto":
         weight_file = find_clip_file(models_dir)
         if weight_file is None:
             warnings.warn(
                 f"NO REAL CLIP WEIGHTS: {CLIP_FILE_NAME} not found in models_dir={models_dir} and "
-                f"{CLIP_HF_REPO} is not in the Hugging Face cache. Using a tiny random-init stand-in; "
+                f"{CLIP_HF_REPO} is not in the Hugging Face cache. Using the toy CLIP; "
                 + NOT_REAL_WARNING.format(metrics="CLIP")
             )
-            return tiny_clip(device)
+            return toy_clip(device)
         return real_clip(DEFAULT_CLIP_ARCH, weight_file, device)
 
     arch, separator, path = spec.partition(":")
@@ -270,3 +378,61 @@ def load_clip(spec: str = "auto", models_dir: str | None = None, device: str = "
     if not weight_file.is_file():
         raise FileNotFoundError(f"CLIP weights not found: {weight_file}")
     return real_clip(arch, weight_file, device)
+
+
+# ---------------------------------------------------------------------------------------
+# DINO (style consistency within a generated set, as StyleAligned reports it)
+# ---------------------------------------------------------------------------------------
+
+DINO_ARCH = "vit_small_patch16_224.dino"
+DINO_FILE_NAME = "dino_vit_small_patch16_224.safetensors"
+DINO_HF_REPO = "timm/vit_small_patch16_224.dino"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageNetNormalised(nn.Module):
+    """A timm image model taking FeatureExtractor's float NCHW in [0, 255]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", 255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def find_dino_file(models_dir: str | None) -> Path | None:
+    if found := find_in_folders(DINO_FILE_NAME, models_dir):
+        return found
+    cached = try_to_load_from_cache(DINO_HF_REPO, "model.safetensors")  # local lookup only
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def real_dino(weight_file: Path, device: str) -> FeatureExtractor:
+    model = timm.create_model(DINO_ARCH, pretrained=False, num_classes=0)  # num_classes=0: the CLS embedding
+    model.load_state_dict(load_file(str(weight_file)))
+    info = BackboneInfo(name=f"timm {DINO_ARCH}", real=True, sha256=sha256_of_file(weight_file))
+    return FeatureExtractor(ImageNetNormalised(model), image_size=224, info=info, device=device)
+
+
+def load_dino(spec: str = "auto", models_dir: str | None = None, device: str = "cpu") -> FeatureExtractor:
+    """spec: "auto" (search, else the toy CLIP's image embedding), "toy", or a path to timm's
+    vit_small_patch16_224.dino weights (safetensors)."""
+    if spec == "toy":
+        return toy_inception(device)
+    if spec == "auto":
+        weight_file = find_dino_file(models_dir)
+        if weight_file is None:
+            warnings.warn(
+                f"NO REAL DINO WEIGHTS: {DINO_FILE_NAME} not found in models_dir={models_dir} and {DINO_HF_REPO} "
+                "is not in the Hugging Face cache. Using the toy CLIP's image embedding for style consistency; "
+                + NOT_REAL_WARNING.format(metrics="DINO")
+            )
+            return toy_inception(device)
+        return real_dino(weight_file, device)
+    weight_file = Path(spec).expanduser()
+    if not weight_file.is_file():
+        raise FileNotFoundError(f"DINO weights not found: {weight_file}")
+    return real_dino(weight_file, device)

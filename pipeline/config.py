@@ -35,7 +35,9 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    base: str = "tiny"  # "tiny", a hub id ("runwayml/stable-diffusion-v1-5") or a local diffusers folder
+    # "tiny-pretrained" (shipped, trained on the toy world), "tiny" (same architecture, random weights),
+    # a hub id ("runwayml/stable-diffusion-v1-5") or a local diffusers folder
+    base: str = "tiny-pretrained"
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
     models_dir: str | None = None  # where metric backbone weights live (see README)
 
@@ -89,12 +91,14 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    prompts: list[str] | None = None  # content prompts; None = pipeline.generate.DEFAULT_PROMPTS
+    # content prompts; None = pipeline.generate.TOY_PROMPTS for the tiny presets, else DEFAULT_PROMPTS
+    prompts: list[str] | None = None
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     num_inference_steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(5.0, ge=0)
-    inception: str = "auto"  # "auto" | "tiny" | path to inception-2015-12-05.pt
-    clip: str = "auto"  # "auto" | "tiny" | [ARCH:]path to an open_clip checkpoint
+    inception: str = "auto"  # "auto" (real if found, else toy) | "toy" | path to inception-2015-12-05.pt
+    clip: str = "auto"  # "auto" (real if found, else toy) | "toy" | [ARCH:]path to an open_clip checkpoint
+    dino: str = "auto"  # "auto" (real if found, else toy) | "toy" | path to timm vit_small_patch16_224.dino
     kid_seed: int = 0
     gpus_per_task: float = Field(0, ge=0)
 
@@ -125,6 +129,8 @@ class RunConfig(Strict):
     results_dir: str = "results"
     styles: list[str] = Field(default_factory=list)  # subset to run; empty = every folder in styles_dir
     methods: list[str] | None = None  # sweep these over every style; None = each style's own
+    # Zero-shot methods run on every style beside its trained ones: the reference a method must beat.
+    baselines: list[str] = Field(default_factory=lambda: ["stylealigned"])
     # Trainings in flight at once; None = as many as the cluster's current CPUs/GPUs fit. On an autoscaling
     # cluster set it to what the cluster can grow to, so waiting trainings ask the autoscaler for nodes.
     max_concurrent_trainings: int | None = Field(None, ge=1)
@@ -143,6 +149,16 @@ class RunConfig(Strict):
                 _known_method(name)
         return methods
 
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_zero_shot(cls, baselines: list[str]) -> list[str]:
+        from pipeline.methods import METHODS
+
+        for name in baselines:
+            if _known_method(name) and METHODS[name].trains:
+                raise ValueError(f"{name!r} trains; baselines are zero-shot methods (list it under methods)")
+        return baselines
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
@@ -159,6 +175,11 @@ class Concept(Strict):
     class_word: str  # the class word bound to its Aux images (the prior)
     ref: str = "ref"  # StyleRef folder, relative to the style folder
     aux: str = "aux"  # Aux folder, relative to the style folder
+    heldout: str | None = None  # held-out StyleRef folder: scored against, never trained on
+
+    def roles(self) -> list[str]:
+        """The image folders this concept has, in curation order (a held-out duplicate of a StyleRef is dropped)."""
+        return ["ref", "aux"] + (["heldout"] if self.heldout else [])
 
     @field_validator("token")
     @classmethod
@@ -222,14 +243,15 @@ class Style(BaseModel):
     dir: Path
     config: StyleConfig
 
-    def concept_dir(self, concept: Concept, role: Literal["ref", "aux"]) -> Path:
-        return self.dir / (concept.ref if role == "ref" else concept.aux)
+    def concept_dir(self, concept: Concept, role: Literal["ref", "aux", "heldout"]) -> Path:
+        return self.dir / getattr(concept, role)
 
     def train_config(self, run: RunConfig) -> TrainConfig:
         return TrainConfig.model_validate({**run.train.model_dump(), **self.config.train})
 
     def methods(self, run: RunConfig) -> list[str]:
-        return list(run.methods) if run.methods else [self.config.method]
+        chosen = list(run.methods) if run.methods else [self.config.method]
+        return chosen + [name for name in run.baselines if name not in chosen]
 
 
 def _read_yaml(path: Path) -> Any:
@@ -261,7 +283,7 @@ def _validate(schema: type[BaseModel], data: Any, path: Path | str) -> Any:
 
 
 def load_run_config(path: str | Path | None = None) -> RunConfig:
-    """The run config from `path`, or the embedded default (tiny model, CPU) when None."""
+    """The run config from `path`, or the embedded default (tiny-pretrained model, CPU) when None."""
     if path is None:
         return RunConfig()
     path = Path(path)
@@ -269,7 +291,8 @@ def load_run_config(path: str | Path | None = None) -> RunConfig:
         raise ConfigError(f"{path}: run config not found")
     run = _validate(RunConfig, _read_yaml(path), path)
     base = Path(run.model.base)
-    if run.model.base != "tiny" and (base.is_absolute() or run.model.base.startswith(".")) and not base.is_dir():
+    is_preset = run.model.base in ("tiny", "tiny-pretrained")
+    if not is_preset and (base.is_absolute() or run.model.base.startswith(".")) and not base.is_dir():
         raise ConfigError(f"{path}: model.base: local diffusers folder {base} does not exist")
     return run
 
@@ -287,7 +310,7 @@ def load_style(style_dir: str | Path) -> Style:
     style = Style(name=name, dir=style_dir, config=config)
     root = style_dir.resolve()
     for i, concept in enumerate(config.concepts):
-        for role in ("ref", "aux"):
+        for role in concept.roles():
             folder = style.concept_dir(concept, role)
             if not folder.resolve().is_relative_to(root):
                 raise ConfigError(f"{config_path}: concepts.{i}.{role}: {folder} leaves the style folder")

@@ -57,7 +57,7 @@ def list_candidates(style: Style) -> list[Candidate]:
     root = style.dir.resolve()
     found = []
     for index, concept in enumerate(style.config.concepts):
-        for role in ("ref", "aux"):
+        for role in concept.roles():
             folder = style.concept_dir(concept, role)
             for path in sorted(folder.iterdir()):
                 if path.suffix.lower() in SIDECAR_SUFFIXES:

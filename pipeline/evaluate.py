@@ -2,8 +2,9 @@
 
 Per style and model: FID and KID (clean-fid's functions on Inception features) against the style's
 StyleRef images, CLIP-T (image vs. the content prompt without style words) and CLIP style similarity
-(image vs. the StyleRef images), with open_clip. The backbones used, and whether they are real
-weights or the tiny stand-ins, are written into every row.
+(image vs. the StyleRef images), with open_clip, and DINO style consistency (pairwise cosine within
+each generated set, one set per seed, as StyleAligned reports it). The backbones used, and whether they are real
+weights or the toy backbone, are written into every row.
 
 Uncertainty: one seeded bootstrap over each model's images gives kid_std and 95% intervals of KID,
 CLIP-T and style similarity. A `noise-floor` row per style scores half the StyleRef images against the
@@ -27,9 +28,9 @@ from PIL import Image
 
 from pipeline import metrics
 from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_parquet_atomic
-from pipeline.generate import DEFAULT_PROMPTS, SampleJob, generate_all, sample_name
+from pipeline.generate import DEFAULT_PROMPTS, TOY_PROMPTS, SampleJob, generate_all, sample_name
 from pipeline.methods import get_method
-from pipeline.models import resolve_base_model
+from pipeline.models import TINY, TINY_PRETRAINED, base_model_identity, resolve_base_model
 from pipeline.run import Run
 
 RESULTS_SCHEMA = pa.schema([
@@ -40,7 +41,13 @@ RESULTS_SCHEMA = pa.schema([
     ("kid_ci_low", pa.float64()), ("kid_ci_high", pa.float64()),
     ("clip_t", pa.float64()), ("clip_t_ci_low", pa.float64()), ("clip_t_ci_high", pa.float64()),
     ("style_sim", pa.float64()), ("style_sim_ci_low", pa.float64()), ("style_sim_ci_high", pa.float64()),
-    ("inception_backbone", pa.string()), ("clip_backbone", pa.string()), ("backbones_real", pa.bool_()),
+    ("style_consistency", pa.float64()), ("style_consistency_ci_low", pa.float64()),
+    ("style_consistency_ci_high", pa.float64()),
+    ("n_heldout", pa.int32()), ("kid_heldout", pa.float64()), ("kid_heldout_ci_low", pa.float64()),
+    ("kid_heldout_ci_high", pa.float64()), ("style_sim_heldout", pa.float64()),
+    ("style_sim_heldout_ci_low", pa.float64()), ("style_sim_heldout_ci_high", pa.float64()),
+    ("inception_backbone", pa.string()), ("clip_backbone", pa.string()), ("dino_backbone", pa.string()),
+    ("backbones_real", pa.bool_()),
     ("samples_dir", pa.string()), ("model_dir", pa.string()), ("config_hash", pa.string()),
     ("versions", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
 ])
@@ -55,7 +62,9 @@ PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip
 
 
 def content_prompts(run: Run) -> list[str]:
-    return run.config.evaluate.prompts or DEFAULT_PROMPTS
+    if run.config.evaluate.prompts:
+        return run.config.evaluate.prompts
+    return TOY_PROMPTS if run.config.model.base in (TINY, TINY_PRETRAINED) else DEFAULT_PROMPTS
 
 
 def base_prompt(content: str, descriptor: str) -> str:
@@ -71,7 +80,7 @@ def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJo
     protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.config.model.resolution]
     jobs = []
     for style in run.live_styles():
-        models = {"base": ("", [base_prompt(c, style.config.descriptor) for c in contents], base)}
+        models = {"base": ("", [base_prompt(c, style.config.descriptor) for c in contents], base_model_identity(base))}
         for (name, method), model_dir in trained.items():
             if name == style.name:
                 card = json.loads((Path(model_dir) / "model_card.json").read_text())
@@ -88,17 +97,17 @@ def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJo
     return jobs
 
 
-def reference_images(run: Run, style: str) -> list[Image.Image]:
-    """The curated StyleRef images (the metric reference), also written as PNGs for the report."""
+def reference_images(run: Run, style: str, role: str = "ref") -> list[str]:
+    """The curated StyleRef (or held-out StyleRef) images, written as PNGs for the metrics and the report."""
     table = pq.read_table(run.curated(style), columns=["role", "image"]).to_pydict()
-    images = [Image.open(io.BytesIO(b)).convert("RGB") for r, b in zip(table["role"], table["image"]) if r == "ref"]
-    out = run.samples_dir(style, "ref")  # replaced whole: no half-written or stale PNG from an earlier run
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for r, b in zip(table["role"], table["image"]) if r == role]
+    out = run.samples_dir(style, role)  # replaced whole: no half-written or stale PNG from an earlier run
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     for i, image in enumerate(images):
-        image.save(tmp / f"ref_{i:03d}.png")
+        image.save(tmp / f"{role}_{i:03d}.png")
     replace_dir_atomic(tmp, out)
-    return images
+    return [str(out / f"{role}_{i:03d}.png") for i in range(len(images))]
 
 
 def stored_features(features: np.ndarray) -> np.ndarray:
@@ -106,16 +115,18 @@ def stored_features(features: np.ndarray) -> np.ndarray:
     return features.astype(np.float32)
 
 
-def image_scores(feats: np.ndarray, gen_clip: np.ndarray, text_emb: np.ndarray | None,
-                 ref_feats: np.ndarray, ref_clip: np.ndarray, seed: int) -> dict:
-    """FID, KID and CLIP scores of one image set against a reference set, with bootstrap spreads.
+def image_scores(feats: np.ndarray, gen_clip: np.ndarray, gen_dino: np.ndarray, sets: list[int],
+                 text_emb: np.ndarray | None, ref_feats: np.ndarray, ref_clip: np.ndarray, seed: int) -> dict:
+    """FID, KID, CLIP and DINO scores of one image set against a reference set, with bootstrap spreads.
 
     One seeded bootstrap over the scored images (the reference set stays fixed) gives kid_std and the
-    95% percentile intervals; without texts (the noise floor) clip_t and its interval are NaN.
+    95% percentile intervals; without texts (the noise floor) clip_t and its interval are NaN. Style
+    consistency is the mean DINO cosine between images of one generated set (`sets`: one per seed).
     """
     resamples = metrics.bootstrap_indices(len(feats), seed)
     kid_values = metrics.kid_bootstrap(feats, ref_feats, resamples)
     style_per_image = metrics.style_cosines(gen_clip, ref_clip)
+    consistency_per_image = metrics.set_consistency(gen_dino, np.asarray(sets))
     scores = {
         "fid": metrics.fid(feats, ref_feats),
         "kid": metrics.kid(feats, ref_feats, seed=seed),
@@ -126,11 +137,32 @@ def image_scores(feats: np.ndarray, gen_clip: np.ndarray, text_emb: np.ndarray |
     scores["kid_ci_low"], scores["kid_ci_high"] = metrics.percentile_interval(kid_values)
     scores["style_sim_ci_low"], scores["style_sim_ci_high"] = metrics.percentile_interval(
         style_per_image[resamples].mean(axis=1))
+    scores["style_consistency"] = float(np.nanmean(consistency_per_image))
+    scores["style_consistency_ci_low"], scores["style_consistency_ci_high"] = metrics.percentile_interval(
+        np.nanmean(consistency_per_image[resamples], axis=1))
     if text_emb is not None:
         text_per_image = metrics.image_text_cosines(gen_clip, text_emb)
         scores["clip_t"] = float(text_per_image.mean())
         scores["clip_t_ci_low"], scores["clip_t_ci_high"] = metrics.percentile_interval(
             text_per_image[resamples].mean(axis=1))
+    return scores
+
+
+def heldout_scores(feats: np.ndarray, gen_clip: np.ndarray, heldout_feats: np.ndarray | None,
+                   heldout_clip: np.ndarray | None, seed: int) -> dict:
+    """KID and style similarity against the held-out StyleRef images (never trained on); NaN without them."""
+    if heldout_feats is None or len(heldout_feats) < 2:
+        names = ("kid_heldout", "kid_heldout_ci_low", "kid_heldout_ci_high",
+                 "style_sim_heldout", "style_sim_heldout_ci_low", "style_sim_heldout_ci_high")
+        return {"n_heldout": 0 if heldout_feats is None else len(heldout_feats), **dict.fromkeys(names, float("nan"))}
+    resamples = metrics.bootstrap_indices(len(feats), seed)
+    kid_values = metrics.kid_bootstrap(feats, heldout_feats, resamples)
+    style_per_image = metrics.style_cosines(gen_clip, heldout_clip)
+    scores = {"n_heldout": len(heldout_feats), "kid_heldout": metrics.kid(feats, heldout_feats, seed=seed),
+              "style_sim_heldout": float(style_per_image.mean())}
+    scores["kid_heldout_ci_low"], scores["kid_heldout_ci_high"] = metrics.percentile_interval(kid_values)
+    scores["style_sim_heldout_ci_low"], scores["style_sim_heldout_ci_high"] = metrics.percentile_interval(
+        style_per_image[resamples].mean(axis=1))
     return scores
 
 
@@ -142,24 +174,31 @@ def feature_rows(run_id: str, run_dir: Path, style: str, method: str, paths: lis
             for path, prompt_index, seed, feature in zip(paths, prompt_indices, seeds, features)]
 
 
-def score_entries(entries: list[dict], inception, clip, seed: int, run_id: str,
+def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id: str,
                   run_dir: Path) -> tuple[list[dict], list[dict]]:
     """Embed every image once per backbone and score each (style, model) entry, plus a noise floor per style.
 
     Returns the score rows and the per-image feature rows (the content of features.parquet).
     """
     backbone_names = {"inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
-                      "backbones_real": inception.info.real and clip.info.real}
-    references: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+                      "dino_backbone": dino.info.name,
+                      "backbones_real": inception.info.real and clip.info.real and dino.info.real}
+    references: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    heldout: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     rows, features = [], []
 
     def embed(style: str, method: str, paths: list[str], prompt_indices: list, seeds: list):
+        if not paths:
+            return None, None, None
         images = [Image.open(p).convert("RGB") for p in paths]
         feats, gen_clip = stored_features(inception.embed(images)), stored_features(clip.embed_images(images))
-        for backbone, embedded in ((inception.info.name, feats), (clip.info.name, gen_clip)):
+        embedded = {inception.info.name: feats, clip.info.name: gen_clip}
+        if dino.info.name not in embedded:  # the toy fallback is the same network as the toy Inception slot
+            embedded[dino.info.name] = stored_features(dino.embed(images))
+        for backbone, values in embedded.items():
             features.extend(feature_rows(run_id, run_dir, style, method, paths, prompt_indices, seeds,
-                                         backbone, embedded))
-        return feats, gen_clip
+                                         backbone, values))
+        return feats, gen_clip, embedded[dino.info.name]
 
     for entry in entries:
         style, method = entry["style"], entry["method"]
@@ -168,22 +207,30 @@ def score_entries(entries: list[dict], inception, clip, seed: int, run_id: str,
                 no_index = [None] * len(entry["reference"])
                 references[style] = embed(style, "ref", entry["reference"], no_index, no_index)
                 rows.append(noise_floor_row(style, *references[style], seed, backbone_names))
-            ref_feats, ref_clip = references[style]
-            feats, gen_clip = embed(style, method, entry["images"], entry["prompt_indices"], entry["seeds"])
+            if style not in heldout:
+                no_index = [None] * len(entry["heldout"])
+                heldout[style] = embed(style, "heldout", entry["heldout"], no_index, no_index)
+            ref_feats, ref_clip, _ = references[style]
+            feats, gen_clip, gen_dino = embed(style, method, entry["images"], entry["prompt_indices"],
+                                              entry["seeds"])
             text_emb = clip.embed_texts(entry["texts"])
+            scores = image_scores(feats, gen_clip, gen_dino, entry["seeds"], text_emb, ref_feats, ref_clip, seed)
             rows.append({"style": style, "method": method, "n_images": len(feats), "n_reference": len(ref_feats),
-                         **image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed), **backbone_names})
+                         **scores, **heldout_scores(feats, gen_clip, *heldout[style][:2], seed), **backbone_names})
         except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
             rows.append({"style": style, "method": method, "error": f"{type(err).__name__}: {err}"})
     return rows, features
 
 
-def noise_floor_row(style: str, ref_feats: np.ndarray, ref_clip: np.ndarray, seed: int,
+def noise_floor_row(style: str, ref_feats: np.ndarray, ref_clip: np.ndarray, ref_dino: np.ndarray, seed: int,
                     backbone_names: dict) -> dict:
-    """The StyleRef set scored against itself, split even/odd: what "as good as the references" looks like."""
+    """The StyleRef set scored against itself, split even/odd: what "as good as the references" looks like.
+    Its style consistency is that of one half, taken as one set."""
     half_a, half_b = slice(0, None, 2), slice(1, None, 2)
     try:
-        scores = image_scores(ref_feats[half_a], ref_clip[half_a], None, ref_feats[half_b], ref_clip[half_b], seed)
+        one_set = [0] * len(ref_feats[half_a])
+        scores = image_scores(ref_feats[half_a], ref_clip[half_a], ref_dino[half_a], one_set, None,
+                              ref_feats[half_b], ref_clip[half_b], seed)
     except ValueError as err:  # e.g. too few StyleRef images for two halves of two
         return {"style": style, "method": NOISE_FLOOR, "error": f"{type(err).__name__}: {err}"}
     return {"style": style, "method": NOISE_FLOOR, "n_images": len(ref_feats[half_a]),
@@ -196,20 +243,24 @@ def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None
     """Load the backbones once and score every (style, model) entry: see score_entries."""
     import torch
 
-    from pipeline.backbones import load_clip, load_inception
+    from pipeline.backbones import load_clip, load_dino, load_inception
 
     torch.set_num_threads(1)
     inception = load_inception(evaluate_cfg["inception"], models_dir)
     clip = load_clip(evaluate_cfg["clip"], models_dir)
-    return score_entries(entries, inception, clip, evaluate_cfg["kid_seed"], run_id, Path(run_dir))
+    dino = load_dino(evaluate_cfg["dino"], models_dir)
+    return score_entries(entries, inception, clip, dino, evaluate_cfg["kid_seed"], run_id, Path(run_dir))
 
 
 def record_metrics_in_card(model_dir: Path, row: dict) -> None:
     """The model card travels with the model: it carries the latest evaluation of it."""
     card_path = model_dir / "model_card.json"
     card = json.loads(card_path.read_text())
-    card["metrics"] = {k: row[k] for k in ("run_id", "fid", "kid", "clip_t", "style_sim", "n_images",
-                                           "inception_backbone", "clip_backbone", "backbones_real")}
+    card["metrics"] = {k: row[k] for k in (
+        "run_id", "n_images", "n_reference", "fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high",
+        "clip_t", "clip_t_ci_low", "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high",
+        "style_consistency", "style_consistency_ci_low", "style_consistency_ci_high",
+        "inception_backbone", "clip_backbone", "dino_backbone", "backbones_real")}
     write_json_atomic(card_path, card)
 
 
@@ -223,17 +274,19 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     write_json_atomic(run.dir / "samples" / "prompts.json", [{"index": i, "content": c} for i, c in enumerate(contents)])
     entries, by_key = [], {}
     references: dict[str, list[str]] = {}
+    heldout: dict[str, list[str]] = {}
     for job in jobs:
         if run.failed(job.style):
             continue
         if job.style not in references:
-            count = len(reference_images(run, job.style))
-            references[job.style] = [str(run.samples_dir(job.style, "ref") / f"ref_{i:03d}.png") for i in range(count)]
+            references[job.style] = reference_images(run, job.style)
+            heldout[job.style] = reference_images(run, job.style, "heldout")
         pairs = [(i, seed) for i in range(len(contents)) for seed in job.seeds]
         entries.append({"style": job.style, "method": job.method,
                         "images": [str(Path(job.out_dir) / sample_name(i, seed)) for i, seed in pairs],
                         "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
-                        "texts": [contents[i] for i, _ in pairs], "reference": references[job.style]})
+                        "texts": [contents[i] for i, _ in pairs], "reference": references[job.style],
+                        "heldout": heldout[job.style]})
         by_key[(job.style, job.method)] = job
     if not entries:
         return None
@@ -275,7 +328,7 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     if all(row["method"] == NOISE_FLOOR for row in rows):
         return None
     if not all(row["backbones_real"] for row in rows):
-        print(f"[evaluate] WARNING: metrics use tiny stand-in backbones ({rows[0]['inception_backbone']}, "
+        print(f"[evaluate] WARNING: metrics use the toy backbone ({rows[0]['inception_backbone']}, "
               f"{rows[0]['clip_backbone']}): compare them only within this setup, not with published numbers. "
               "Put real weights in model.models_dir (see README).", flush=True)
     path = run.dir / "results.parquet"

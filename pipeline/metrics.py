@@ -96,6 +96,20 @@ def style_cosines(gen_emb: np.ndarray, ref_emb: np.ndarray) -> np.ndarray:
     return cosines.mean(axis=1)
 
 
+def set_consistency(emb: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per image: its mean cosine to the other images of its set (StyleAligned's pairwise DINO similarity).
+
+    The mean of the returned values is the mean over all within-set pairs when sets have equal sizes.
+    An image alone in its set gets NaN.
+    """
+    unit = unit_rows(emb, "emb")
+    groups = np.asarray(groups)
+    cosines = unit @ unit.T
+    same_set = (groups[:, None] == groups[None, :]) & ~np.eye(len(unit), dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(same_set, cosines, 0).sum(axis=1) / same_set.sum(axis=1)
+
+
 # ----------------------------------------------------------------------------- bootstrap over images
 
 

@@ -20,8 +20,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from pipeline.files import sha256_of
+
 TINY = "tiny"
-TINY_VERSION = "tiny-v1"  # bump when the tiny configs change: cached folders are keyed by it
+TINY_VERSION = "tiny-v2"  # bump when the tiny configs change: cached folders are keyed by it
+TINY_PRETRAINED = "tiny-pretrained"
+TINY_PRETRAINED_DIR_NAME = "tiny-pretrained"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the shipped weights (scripts/train_tiny_pretrained.py)
 CLIP_VOCAB_SIZE = 49408
 # SD1.x noise schedule, shared by the tiny preset so methods see the same timestep statistics.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -42,36 +47,49 @@ def clip_tokenizer_files(out_dir: Path) -> Path:
     return out_dir
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The offline `tiny` preset: random weights from fixed configs and seed; 64 px images, 16x16 latents."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 32, 64), norm_num_groups=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+# The tiny architecture, shared by the random `tiny` preset and the trained `tiny-pretrained` model:
+# 64 px images, 4x16x16 latents, attention at 8x8 and 4x4 (at 16x16 it would cost most of the step).
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64), norm_num_groups=16,
+)
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 96),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=32, norm_num_groups=16,
+)
+TINY_TEXT_ENCODER = dict(
+    vocab_size=CLIP_VOCAB_SIZE, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The real CLIP tokenizer, built from the BPE file bundled with open_clip."""
     with tempfile.TemporaryDirectory() as tmp:
         files = clip_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"),
-                                  pad_token="<|endoftext|>", model_max_length=77)
+        return CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"),
+                             pad_token="<|endoftext|>", model_max_length=77)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The offline `tiny` preset: the tiny architecture with random weights from a fixed seed."""
+    torch.manual_seed(seed)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        vae=AutoencoderKL(**TINY_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)),
+        tokenizer=clip_tokenizer(), unet=UNet2DConditionModel(**TINY_UNET),
         scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
 def resolve_base_model(base: str, cache_dir: str | Path) -> str:
-    """What `from_pretrained` should load: the tiny preset's folder (written once), a local folder or a hub id."""
+    """What `from_pretrained` should load: the tiny preset's folder (written once), the shipped tiny-pretrained
+    folder, a local folder or a hub id."""
+    if base == TINY_PRETRAINED:
+        return str(ASSETS_DIR / TINY_PRETRAINED_DIR_NAME)
     if base != TINY:
         return base
     folder = Path(cache_dir) / TINY_VERSION
@@ -84,6 +102,17 @@ def resolve_base_model(base: str, cache_dir: str | Path) -> str:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(folder.resolve())
+
+
+def base_model_identity(source: str) -> str:
+    """What stage keys record of a base model: a hub id as given; a local folder with the names, sizes and
+    modification times of its files, so that retrained weights (say a new tiny-pretrained) are never
+    mistaken for the old ones. Metadata only: hashing a 4 GB folder on every plan would cost seconds."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sha256_of(source, [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 @dataclass

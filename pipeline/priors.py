@@ -17,7 +17,7 @@ import torch
 
 from pipeline.files import sha256_of, write_json_atomic
 from pipeline.methods import ClassImages, get_method
-from pipeline.models import load_pipeline, resolve_base_model
+from pipeline.models import base_model_identity, load_pipeline, resolve_base_model
 from pipeline.run import Run
 
 BATCH_SIZE = 8  # images per pipeline call
@@ -26,7 +26,7 @@ BATCH_SIZE = 8  # images per pipeline call
 def class_image_dir(run: Run, request: ClassImages) -> Path:
     """The cache folder of one set, keyed by everything that decides its pixels."""
     base = resolve_base_model(run.config.model.base, run.base_models_dir)
-    key = sha256_of(base, run.config.model.resolution, asdict(request))
+    key = sha256_of(base_model_identity(base), run.config.model.resolution, asdict(request))
     return Path(run.config.results_dir).resolve() / "class-images" / key[:16]
 
 

@@ -31,7 +31,7 @@ BASE_METHOD = "base"
 NOISE_FLOOR = "noise-floor"  # StyleRef split-half row: a reference point, not a model
 REPORT_FILENAME = "report.html"
 ASSETS_DIRNAME = "report_assets"
-TINY_BACKBONE_WARNING = "metrics computed with tiny stand-in backbones: not comparable to published numbers"
+TOY_BACKBONE_WARNING = "metrics computed with the toy backbone (trained on the toy world): not comparable to published numbers"
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ METRICS = (
     Metric("fid", "FID", higher_is_better=False, scale=1.0, decimals=2),
     Metric("clip_t", "CLIP-T", higher_is_better=True, scale=1.0, decimals=3),
     Metric("style_sim", "Style sim.", higher_is_better=True, scale=1.0, decimals=3),
+    Metric("style_consistency", "Consistency", higher_is_better=True, scale=1.0, decimals=3),
+    Metric("kid_heldout", "KID held-out ×10³", higher_is_better=False, scale=1000.0, decimals=2),
 )
 
 CSS = """
@@ -234,7 +236,7 @@ def header_html(results: pd.DataFrame, prompts: list[dict]) -> str:
     models = results[results["method"] != NOISE_FLOOR]
     # Unknown (null) counts as not real: the banner should err on the loud side.
     if not results["backbones_real"].fillna(False).astype(bool).all():
-        lines.append(f'<div class="banner">⚠ {esc(TINY_BACKBONE_WARNING)}</div>')
+        lines.append(f'<div class="banner">⚠ {esc(TOY_BACKBONE_WARNING)}</div>')
     lines += [
         "<h2>Protocol</h2>",
         "<ul>",

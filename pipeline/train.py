@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import StyleConfig, TrainConfig
 from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_text_atomic
 from pipeline.methods import Batch, Method, StyleData, get_method
-from pipeline.models import Components, load_components, resolve_base_model
+from pipeline.models import Components, base_model_identity, load_components, resolve_base_model
 from pipeline.priors import class_image_dir, generate_class_images
 from pipeline.run import Run
 
@@ -393,7 +393,7 @@ def plan_training(run: Run) -> list[TrainJob]:
             prior_dirs = [str(class_image_dir(run, r)) for r in get_method(method).class_images(style.config, cfg)]
             jobs.append(TrainJob(
                 style=style.name, method=method, base_model=base, curated_path=str(curated),
-                key=sha256_of(data_key, method, cfg.model_dump(), base, prior_dirs,
+                key=sha256_of(data_key, method, cfg.model_dump(), base_model_identity(base), prior_dirs,
                               code_version("train.py", "methods", "models.py", "lora.py")),
                 model_dir=str(run.model_dir(style.name, method)), log_path=str(run.train_log(style.name, method)),
                 storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(), train=cfg.model_dump(),

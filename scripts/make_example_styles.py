@@ -2,7 +2,7 @@
 
     python scripts/make_example_styles.py [--out styles]
 
-Each style folder gets a style.yaml, StyleRef images drawn by the style's renderer and Aux images of
+Each style folder gets a style.yaml, StyleRef and held-out StyleRef images drawn by the style's renderer, Aux images of
 the same world drawn plain (the class prior), every image with a caption sidecar `<stem>.txt`.
 Everything comes from fixed seeds: rerunning rewrites identical bytes.
 """
@@ -33,6 +33,7 @@ class ExampleConcept:
     class_word: str
     subfolder: str = ""  # under ref/ and aux/; empty when the style has a single concept
     n_images: int = 16  # StyleRef images, and as many Aux images
+    n_heldout: int = 6  # held-out StyleRef images: evaluation only
     n_objects: int | None = None  # scene constraints, passed to toyworld.sample_scene
     sizes: tuple[str, ...] = tuple(SIZES)
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
@@ -57,8 +58,9 @@ EXAMPLE_STYLES = (
         "anime", "Anime",
         "an anime illustration with flat cel shading, bold ink outlines and saturated colors",
         (  # Multi-StyleBoost: one token for close-ups of objects, one for background-dominant scenes
-            ExampleConcept("ukj", "illustration", "objects", n_images=9, n_objects=1, sizes=("large",)),
-            ExampleConcept("zwx", "background", "backgrounds", n_images=9, sizes=("small",),
+            ExampleConcept("ukj", "illustration", "objects", n_images=9, n_heldout=4, n_objects=1,
+                           sizes=("large",)),
+            ExampleConcept("zwx", "background", "backgrounds", n_images=9, n_heldout=4, sizes=("small",),
                            backgrounds=("meadow", "beach")),
         ),
     ),
@@ -91,11 +93,12 @@ def image_size(index: int) -> int | tuple[int, int]:
     return {6: WIDE, 7: TALL}.get(index % 8, 96)
 
 
-def write_images(folder: Path, role: str, concept: ExampleConcept, renderer_name: str, first_seed: int) -> None:
-    """`concept.n_images` captioned images `<role>_NNN.png` + `<role>_NNN.txt`, image i from seed first_seed + i."""
+def write_images(folder: Path, role: str, concept: ExampleConcept, renderer_name: str, first_seed: int,
+                 count: int) -> None:
+    """`count` captioned images `<role>_NNN.png` + `<role>_NNN.txt`, image i from seed first_seed + i."""
     folder.mkdir(parents=True, exist_ok=True)
     render = RENDERERS[renderer_name]
-    for i in range(concept.n_images):
+    for i in range(count):
         rng = np.random.default_rng(first_seed + i)
         scene = sample_scene(
             rng, n_objects=concept.n_objects, sizes=concept.sizes, backgrounds=concept.backgrounds
@@ -116,6 +119,7 @@ def style_yaml(style: ExampleStyle) -> str:
                 "class_word": concept.class_word,
                 "ref": Path("ref", concept.subfolder).as_posix(),
                 "aux": Path("aux", concept.subfolder).as_posix(),
+                "heldout": Path("heldout", concept.subfolder).as_posix(),
             }
             for concept in style.concepts
         ],
@@ -133,8 +137,10 @@ def write_style(out_dir: Path, style: ExampleStyle, style_index: int) -> None:
     (style_dir / "style.yaml").write_text(style_yaml(style), encoding="utf-8")
     for concept_index, concept in enumerate(style.concepts):
         seed = 10_000 * style_index + 1_000 * concept_index
-        write_images(style_dir / "ref" / concept.subfolder, "ref", concept, style.name, seed)
-        write_images(style_dir / "aux" / concept.subfolder, "aux", concept, "plain", seed + 500)
+        write_images(style_dir / "ref" / concept.subfolder, "ref", concept, style.name, seed, concept.n_images)
+        write_images(style_dir / "aux" / concept.subfolder, "aux", concept, "plain", seed + 500, concept.n_images)
+        write_images(style_dir / "heldout" / concept.subfolder, "heldout", concept, style.name, seed + 800,
+                     concept.n_heldout)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline import caption
 from pipeline.config import CurateConfig, RunConfig, load_style, load_styles
 from pipeline.curate import _to_rgb, curate_styles, decode_image, list_candidates, style_fingerprint
+from pipeline.methods import StyleData
 from pipeline.run import Run
 from tests.conftest import make_style, noise_image
 
@@ -306,6 +308,12 @@ def mixed_style(styles_dir: Path, outside: Path) -> dict[str, tuple[str, str]]:
     Image.open(ref / "ref_01.png").resize((76, 76), Image.Resampling.BICUBIC).save(ref / "ref_01_copy.jpg", quality=80)
     (ref / "rotated.txt").write_bytes("tourné à droite".encode("utf-16"))
     (style_dir / "aux" / "aux_broken.png").write_bytes(half(NOISE_PNG))
+    config = yaml.safe_load((style_dir / "style.yaml").read_text())
+    config["concepts"][0]["heldout"] = "heldout"
+    (style_dir / "style.yaml").write_text(yaml.safe_dump(config))
+    (style_dir / "heldout").mkdir()
+    noise_image(130).save(style_dir / "heldout" / "held_00.png")
+    shutil.copy(ref / "ref_00.png", style_dir / "heldout" / "held_leak.png")  # a StyleRef image: must not count
     expected = {f"ref/{name}": ("kept", "") if not reason else ("rejected", reason) for name, reason in listed.items()}
     expected["ref/caf\\xe9.png"] = expected.pop(f"ref/{LATIN1_NAME}")  # the report shows the byte escaped
     expected.update({f"ref/ref_{i:02d}.png": ("kept", "") for i in range(4)})
@@ -325,6 +333,8 @@ def mixed_style(styles_dir: Path, outside: Path) -> dict[str, tuple[str, str]]:
         "ref/ref_03_copy.bmp": ("rejected", "exact duplicate of ref/ref_03.png"),
         "ref/ref_01_copy.jpg": ("rejected", "near duplicate of ref/ref_01.png"),
         "aux/aux_broken.png": ("rejected", "cannot decode image: OSError: image file is truncated"),
+        "heldout/held_00.png": ("kept", ""),
+        "heldout/held_leak.png": ("rejected", "exact duplicate of ref/ref_00.png"),
     })
     return expected
 
@@ -354,7 +364,10 @@ def test_curate_styles_end_to_end(tmp_path: Path, ray_session, deadline):
 
     table = pq.read_table(run.curated("mixed")).to_pandas()
     assert sorted(table.source_path) == sorted(report.file[report.status == "kept"])
-    assert (table.role == table.source_path.str.split("/").str[0]).all() and set(table.role) == {"ref", "aux"}
+    assert (table.role == table.source_path.str.split("/").str[0]).all()
+    assert set(table.role) == {"ref", "aux", "heldout"}
+    training_data = StyleData.load(run.curated("mixed"))  # held-out images are scored, never trained on
+    assert set(training_data.roles) == {"ref", "aux"} and len(training_data.roles) == (table.role != "heldout").sum()
     assert set(table.concept) == {0} and set(table.token) == {"<mixed>"} and set(table.class_word) == {"style"}
     assert table.content_hash.nunique() == len(table)
     captions = dict(zip(table.source_path, zip(table.caption, table.caption_source)))

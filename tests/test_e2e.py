@@ -49,8 +49,8 @@ def test_every_stage_leaves_its_files(finished_run):
     run_dir, _, exit_code = finished_run
     assert exit_code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary == {s: {"curate": "ok", "train:styleboost": "ok", "evaluate:base": "ok",
-                           "evaluate:styleboost": "ok"} for s in STYLES}
+    assert summary == {s: {"curate": "ok", "train:styleboost": "ok", "train:stylealigned": "ok", "evaluate:base": "ok",
+                           "evaluate:styleboost": "ok", "evaluate:stylealigned": "ok"} for s in STYLES}
     for style in STYLES:
         report = pd.read_csv(run_dir / "curated" / f"{style}.report.csv")
         assert set(report.status) <= {"kept", "rejected"} and (report.status == "kept").sum() >= 8
@@ -68,17 +68,20 @@ def test_results_table_has_a_row_per_style_and_model(finished_run):
     run_dir, _, _ = finished_run
     results = pd.read_parquet(run_dir / "results.parquet")
     assert sorted(zip(results["style"], results["method"])) == sorted(
-        (s, m) for s in STYLES for m in ("base", "styleboost", "noise-floor"))
+        (s, m) for s in STYLES for m in ("base", "styleboost", "stylealigned", "noise-floor"))
     noise_floor = results[results.method == "noise-floor"]
     assert (noise_floor.n_images - noise_floor.n_reference).isin([0, 1]).all()  # even/odd halves of StyleRef
     assert noise_floor.clip_t.isna().all() and noise_floor.kid.notna().all()
     results = results[results.method != "noise-floor"].reset_index(drop=True)
-    assert (results.n_images == 4).all() and (results.seeds.map(list) == pd.Series([[0, 1]] * 4)).all()
+    assert (results.n_images == 4).all() and (results.seeds.map(list) == pd.Series([[0, 1]] * len(results))).all()
     for column in ("fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high", "clip_t", "clip_t_ci_low",
-                   "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high"):
+                   "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high", "style_consistency",
+                   "kid_heldout", "kid_heldout_ci_low", "kid_heldout_ci_high", "style_sim_heldout"):
         assert results[column].notna().all(), column
+    assert (results.n_heldout >= 4).all()  # the example styles hold out StyleRef images
     features = pd.read_parquet(run_dir / "features.parquet")
-    assert len(features) == 2 * (results.n_images.sum() + results.groupby("style").n_reference.first().sum())
+    per_style = results.groupby("style")[["n_reference", "n_heldout"]].first().to_numpy().sum()
+    assert len(features) == 2 * (results.n_images.sum() + per_style)  # toy image embedding (Inception, DINO) + CLIP
     assert (~results.backbones_real).all() and results.inception_backbone.str.contains("NOT REAL").all()
     assert results.config_hash.nunique() == 1 and "torch" in json.loads(results.versions[0])
     base_prompt = results[(results["style"] == "anime") & (results.method == "base")].prompt.item()

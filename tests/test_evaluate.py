@@ -1,4 +1,4 @@
-"""Scoring without Ray: score_entries on tiny PNGs with the tiny backbones."""
+"""Scoring without Ray: score_entries on small PNGs with the toy backbone."""
 import math
 from pathlib import Path
 
@@ -28,16 +28,16 @@ def write_pngs(folder: Path, count: int, seed: int, brightness: int) -> list[str
 
 
 @pytest.fixture(scope="module")
-def tiny_backbones():
+def toy_backbones():
     with pytest.warns(UserWarning, match="NOT comparable"):
-        inception = backbones.load_inception("tiny")
+        inception = backbones.load_inception("toy")
     with pytest.warns(UserWarning, match="NOT comparable"):
-        clip = backbones.load_clip("tiny")
-    return inception, clip
+        clip = backbones.load_clip("toy")
+    return inception, clip, backbones.load_dino("toy")
 
 
 @pytest.fixture(scope="module")
-def scored(tiny_backbones, tmp_path_factory):
+def scored(toy_backbones, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     reference = write_pngs(run_dir / "samples" / "ink" / "ref", N_REFERENCE, seed=0, brightness=0)
     pairs = [(i, seed) for i in range(len(PROMPTS)) for seed in SEEDS]
@@ -46,14 +46,15 @@ def scored(tiny_backbones, tmp_path_factory):
                 "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
                 "texts": [PROMPTS[i] for i, _ in pairs], "reference": reference}
                for m, method in enumerate(["base", "styleboost"])]
-    rows, features = score_entries(entries, *tiny_backbones, seed=0, run_id="test", run_dir=run_dir)
+    rows, features = score_entries(entries, *toy_backbones, seed=0, run_id="test", run_dir=run_dir)
     table = pa.Table.from_pylist(features, schema=FEATURES_SCHEMA).to_pandas()
     return {row["method"]: row for row in rows}, table
 
 
-def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(scored, tiny_backbones):
+def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(scored, toy_backbones):
     rows, features = scored
-    inception, clip = tiny_backbones
+    inception, clip, dino = toy_backbones
+    assert dino.info.name == inception.info.name  # the toy DINO slot reuses the toy image embedding: stored once
     per_method = features.groupby(["method", "backbone"]).size().to_dict()
     n_images = len(PROMPTS) * len(SEEDS)
     assert per_method == {("base", inception.info.name): n_images, ("base", clip.info.name): n_images,
@@ -73,6 +74,8 @@ def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(s
         assert metrics.fid(gen, ref_feats) == rows[method]["fid"]
         style_sim = metrics.style_similarity(stacked(method, clip.info.name), stacked("ref", clip.info.name))
         assert style_sim == rows[method]["style_sim"]
+        consistency = metrics.set_consistency(gen, np.array(SEEDS * len(PROMPTS)))
+        assert np.mean(consistency) == pytest.approx(rows[method]["style_consistency"], abs=1e-12)
 
 
 def test_kid_spread_and_intervals_hold_their_point_estimates(scored):
@@ -80,7 +83,7 @@ def test_kid_spread_and_intervals_hold_their_point_estimates(scored):
     for method in ("base", "styleboost", NOISE_FLOOR):
         row = rows[method]
         assert math.isfinite(row["kid_std"]) and row["kid_std"] > 0
-        for name in ("kid", "style_sim") + (() if method == NOISE_FLOOR else ("clip_t",)):
+        for name in ("kid", "style_sim", "style_consistency") + (() if method == NOISE_FLOOR else ("clip_t",)):
             assert row[f"{name}_ci_low"] <= row[name] <= row[f"{name}_ci_high"], (method, name)
             assert row[f"{name}_ci_low"] < row[f"{name}_ci_high"], (method, name)
     assert rows["styleboost"]["kid"] > rows["base"]["kid"]  # brighter images lie further from the references
@@ -90,9 +93,14 @@ def test_intervals_are_reproducible_under_the_seed():
     rng = np.random.default_rng(0)
     feats, ref_feats = rng.normal(size=(12, 8)), rng.normal(size=(10, 8))
     gen_clip, ref_clip, text_emb = rng.normal(size=(12, 4)), rng.normal(size=(10, 4)), rng.normal(size=(12, 4))
-    first = image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed=3)
-    assert image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed=3) == first
-    assert image_scores(feats, gen_clip, text_emb, ref_feats, ref_clip, seed=4)["kid_ci_low"] != first["kid_ci_low"]
+    gen_dino, sets = rng.normal(size=(12, 6)), [0, 1] * 6
+
+    def scores(seed: int) -> dict:
+        return image_scores(feats, gen_clip, gen_dino, sets, text_emb, ref_feats, ref_clip, seed=seed)
+
+    first = scores(3)
+    assert scores(3) == first
+    assert scores(4)["kid_ci_low"] != first["kid_ci_low"]
 
 
 def test_noise_floor_scores_the_two_halves_of_the_references(scored):
@@ -102,3 +110,11 @@ def test_noise_floor_scores_the_two_halves_of_the_references(scored):
     assert math.isnan(floor["clip_t"]) and math.isnan(floor["clip_t_ci_low"]) and math.isnan(floor["clip_t_ci_high"])
     assert floor["kid"] < rows["styleboost"]["kid"]
 
+
+
+def test_set_consistency_is_the_mean_cosine_within_each_set():
+    emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # set 0: images 0 and 2 (cosine 0); set 1: images 1 and 3 (cosine 1/sqrt(2))
+    values = metrics.set_consistency(emb, np.array([0, 1, 0, 1]))
+    np.testing.assert_allclose(values, [0, 1 / np.sqrt(2), 0, 1 / np.sqrt(2)], atol=1e-12)
+    assert np.isnan(metrics.set_consistency(emb[:3], np.array([0, 0, 1]))[2])  # alone in its set

@@ -37,7 +37,7 @@ EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star abov
 
 def write_config(root: Path, name: str, train: dict) -> Path:
     config = {"name": name, "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
-              "train": train, "evaluate": EVALUATE}
+              "baselines": [], "train": train, "evaluate": EVALUATE}  # the faults are in training
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

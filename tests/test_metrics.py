@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import timm
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import backbones, metrics
+from pipeline import backbones, metrics, toyworld
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,37 +129,37 @@ def test_style_similarity_on_hand_made_vectors():
     assert metrics.style_similarity(ref_emb[:1], ref_emb[:1]) == pytest.approx(1.0, abs=1e-12)
 
 
-# ----------------------------------------------------------------------------- tiny backbones
+# ----------------------------------------------------------------------------- the toy backbone
 
 
-def tiny_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def toy_features() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with pytest.warns(UserWarning, match="NOT comparable"):
-        inception = backbones.load_inception("tiny")
+        inception = backbones.load_inception("toy")
     with pytest.warns(UserWarning, match="NOT comparable"):
-        clip = backbones.load_clip("tiny")
+        clip = backbones.load_clip("toy")
     images = sample_images()
     return inception.embed(images, batch_size=4), clip.embed_images(images, batch_size=4), clip.embed_texts(["a", "b"])
 
 
-def test_tiny_backbones_shapes_norms_and_labels():
-    inception_feats, image_emb, text_emb = tiny_features()
-    assert inception_feats.shape == (6, backbones.TINY_INCEPTION_DIM) and inception_feats.dtype == np.float64
+def test_toy_backbone_shapes_norms_and_labels():
+    inception_feats, image_emb, text_emb = toy_features()
+    assert inception_feats.shape == (6, 64) and inception_feats.dtype == np.float64
     assert image_emb.shape == (6, 64) and text_emb.shape == (2, 64)
     np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1.0, atol=1e-12)
-    for info in (backbones.tiny_inception("cpu").info, backbones.tiny_clip("cpu").info):
-        assert not info.real and info.sha256 is None
-        assert "tiny" in info.name and "NOT REAL" in info.name
+    for info in (backbones.toy_inception("cpu").info, backbones.toy_clip("cpu").info):
+        assert not info.real and len(info.sha256) == 64
+        assert "toy" in info.name and "NOT REAL" in info.name
 
 
-def test_tiny_backbones_are_bitwise_deterministic_across_loads_and_processes():
-    in_process = tiny_features()
-    assert all(np.array_equal(a, b) for a, b in zip(in_process, tiny_features()))
+def test_toy_backbone_is_bitwise_deterministic_across_loads_and_processes():
+    in_process = toy_features()
+    assert all(np.array_equal(a, b) for a, b in zip(in_process, toy_features()))
 
     script = (
         "import hashlib, warnings; warnings.simplefilter('ignore')\n"
-        "from tests.test_metrics import tiny_features\n"
-        "print(*[hashlib.sha256(f.tobytes()).hexdigest() for f in tiny_features()])\n"
+        "from tests.test_metrics import toy_features\n"
+        "print(*[hashlib.sha256(f.tobytes()).hexdigest() for f in toy_features()])\n"
     )
     other_process = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -166,12 +167,15 @@ def test_tiny_backbones_are_bitwise_deterministic_across_loads_and_processes():
     assert other_process.stdout.split() == [hashlib.sha256(f.tobytes()).hexdigest() for f in in_process]
 
 
-def test_tiny_backbone_does_not_touch_the_global_torch_rng():
-    torch.manual_seed(42)
-    expected = torch.rand(3)
-    torch.manual_seed(42)
-    backbones.tiny_clip("cpu")
-    assert torch.equal(torch.rand(3), expected)
+def test_toy_clip_matches_captions_to_their_scenes():
+    """The trained backbone knows its world: each rendered scene is nearest to its own caption."""
+    scenes = [toyworld.sample_scene(np.random.default_rng(seed), n_objects=1) for seed in range(12)]
+    with pytest.warns(UserWarning):
+        clip = backbones.load_clip("toy")
+    image_emb = clip.embed_images([toyworld.render_plain(scene, 64) for scene in scenes])
+    text_emb = clip.embed_texts([toyworld.caption(scene) for scene in scenes])
+    top1 = (image_emb @ text_emb.T).argmax(axis=1)
+    assert (top1 == np.arange(len(scenes))).mean() >= 0.5  # chance is 1/12
 
 
 # ----------------------------------------------------------------------------- loading
@@ -184,7 +188,7 @@ def test_explicit_missing_paths_raise_naming_the_path():
         backbones.load_clip("ViT-B-32:/nonexistent/clip.safetensors")
 
 
-def test_auto_without_weights_warns_and_falls_back_to_tiny(tmp_path, monkeypatch):
+def test_auto_without_weights_warns_and_falls_back_to_the_toy_backbone(tmp_path, monkeypatch):
     # make sure no real weights can be found, whatever this machine has in /tmp or its caches
     monkeypatch.setattr(backbones, "CLEANFID_INCEPTION_DIR", tmp_path / "cleanfid")
     monkeypatch.setattr(backbones, "STYLE_FACTORY_CACHE_DIR", tmp_path / "style-factory")
@@ -194,6 +198,7 @@ def test_auto_without_weights_warns_and_falls_back_to_tiny(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="NO REAL CLIP WEIGHTS"):
         clip = backbones.load_clip("auto", models_dir=str(tmp_path))
     assert not inception.info.real and not clip.info.real
+    assert "toy" in inception.info.name and "toy" in clip.info.name
 
 
 class FakeInceptionLayers(nn.Module):
@@ -228,17 +233,48 @@ def test_real_inception_path_feeds_clean_fid_scaled_299px_images(tmp_path, monke
     np.testing.assert_allclose(features[0, :3], [(200 - 128) / 128, (100 - 128) / 128, -1.0], atol=1e-5)
 
 
-def test_clip_checkpoint_path_with_arch_prefix_loads_the_weights(tmp_path):
-    # register the tiny architecture under a name, save the tiny model's weights, load them back by path
-    config_file = tmp_path / "tiny-test-clip.json"
-    config_file.write_text(json.dumps(backbones.TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config_file)
-    tiny = backbones.tiny_clip("cpu")
-    weight_file = tmp_path / "clip.safetensors"
-    save_file(tiny.model.state_dict(), str(weight_file))
+SMALL_OPEN_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=64, patch_size=16, width=64, head_width=32, layers=2),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+)
 
-    loaded = backbones.load_clip(f"tiny-test-clip:{weight_file}")
+
+def test_clip_checkpoint_path_with_arch_prefix_loads_the_weights(tmp_path):
+    # register a small open_clip architecture under a name, save random weights, load them back by path
+    config_file = tmp_path / "small-test-clip.json"
+    config_file.write_text(json.dumps(SMALL_OPEN_CLIP))
+    open_clip.add_model_config(config_file)
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**SMALL_OPEN_CLIP).eval()
+    weight_file = tmp_path / "clip.safetensors"
+    save_file(model.state_dict(), str(weight_file))
+
+    loaded = backbones.load_clip(f"small-test-clip:{weight_file}")
     assert loaded.info.real and loaded.info.sha256 == hashlib.sha256(weight_file.read_bytes()).hexdigest()
     images = sample_images()
-    np.testing.assert_allclose(loaded.embed_images(images), tiny.embed_images(images), atol=1e-6)
-    np.testing.assert_allclose(loaded.embed_texts(["a cat"]), tiny.embed_texts(["a cat"]), atol=1e-6)
+    with torch.no_grad():
+        pixels = torch.stack([loaded.preprocess(image.convert("RGB")) for image in images])
+        expected = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+    np.testing.assert_allclose(loaded.embed_images(images), expected, atol=1e-5)
+
+
+def test_dino_weights_in_models_dir_are_found_and_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(backbones, "try_to_load_from_cache", lambda repo_id, filename: None)
+    monkeypatch.setattr(backbones, "STYLE_FACTORY_CACHE_DIR", tmp_path / "style-factory")
+    with pytest.warns(UserWarning, match="NO REAL DINO WEIGHTS"):
+        assert not backbones.load_dino("auto", models_dir=str(tmp_path)).info.real
+
+    torch.manual_seed(0)
+    model = timm.create_model(backbones.DINO_ARCH, pretrained=False, num_classes=0).eval()
+    weight_file = tmp_path / backbones.DINO_FILE_NAME
+    save_file(model.state_dict(), str(weight_file))
+    dino = backbones.load_dino("auto", models_dir=str(tmp_path))
+    assert dino.info.real and dino.info.sha256 == hashlib.sha256(weight_file.read_bytes()).hexdigest()
+
+    image = Image.new("RGB", (50, 70), (200, 100, 0))  # flat: the resize keeps every pixel at this color
+    mean, std = np.array(backbones.IMAGENET_MEAN), np.array(backbones.IMAGENET_STD)
+    pixels = torch.tensor((np.array([200, 100, 0]) / 255 - mean) / std, dtype=torch.float32).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(pixels.expand(1, 3, 224, 224)).numpy()
+    np.testing.assert_allclose(dino.embed([image]), expected, atol=1e-4)

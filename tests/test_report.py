@@ -14,39 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.report import TINY_BACKBONE_WARNING, write_report
-
-RESULTS_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("style", pa.string()),
-    ("display_name", pa.string()),
-    ("method", pa.string()),
-    ("tokens", pa.string()),
-    ("base_model", pa.string()),
-    ("prompt", pa.string()),
-    ("n_images", pa.int64()),
-    ("n_reference", pa.int64()),
-    ("seeds", pa.list_(pa.int64())),
-    ("fid", pa.float64()),
-    ("kid", pa.float64()),
-    ("kid_std", pa.float64()),
-    ("kid_ci_low", pa.float64()),
-    ("kid_ci_high", pa.float64()),
-    ("clip_t", pa.float64()),
-    ("clip_t_ci_low", pa.float64()),
-    ("clip_t_ci_high", pa.float64()),
-    ("style_sim", pa.float64()),
-    ("style_sim_ci_low", pa.float64()),
-    ("style_sim_ci_high", pa.float64()),
-    ("inception_backbone", pa.string()),
-    ("clip_backbone", pa.string()),
-    ("backbones_real", pa.bool_()),
-    ("samples_dir", pa.string()),
-    ("model_dir", pa.string()),
-    ("config_hash", pa.string()),
-    ("versions", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-])
+from pipeline.evaluate import RESULTS_SCHEMA
+from pipeline.report import TOY_BACKBONE_WARNING, write_report
 
 PROMPTS = ["a red circle on a blue background", "a small house by a lake"]
 SEEDS = [0, 1]
@@ -215,7 +184,7 @@ def test_report_links_resolve_and_leaderboard_is_complete(tmp_path: Path) -> Non
     assert "Pixel Art &amp; &lt;Sprites&gt;" in html_text
     assert "<Sprites>" not in html_text
     assert "Watercolor" in html_text
-    assert TINY_BACKBONE_WARNING not in html_text
+    assert TOY_BACKBONE_WARNING not in html_text
     for prompt in PROMPTS:
         assert prompt in html_text
 
@@ -237,7 +206,7 @@ def test_leaderboard_highlights_best_per_style_and_survives_nan(tmp_path: Path) 
 
 def test_tiny_backbone_banner(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"]}, backbones_real=False)
-    assert TINY_BACKBONE_WARNING in write_report(run_dir).read_text(encoding="utf-8")
+    assert TOY_BACKBONE_WARNING in write_report(run_dir).read_text(encoding="utf-8")
 
 
 def test_style_with_only_base_row_renders(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ STYLE = StyleConfig(display_name="Watercolor", descriptor="watercolor painting",
 CAPTIONS = ["a house by a lake", "a cat on a chair", "a ship at sea"]
 K = 3
 TRAIN = {"batch_size": 2, "learning_rate": 1e-2, "max_steps": 2,
-         "method_options": {"styledrop": {"feedback_candidates": K, "feedback_inference_steps": 2, "clip": "tiny"}}}
+         "method_options": {"styledrop": {"feedback_candidates": K, "feedback_inference_steps": 2, "clip": "toy"}}}
 
 
 def lora_fraction(unet: torch.nn.Module) -> tuple[int, int]:
@@ -91,7 +91,7 @@ def test_round_two_trains_on_the_clip_top1_of_each_prompt(two_rounds):
     assert Path(second.curated_path) == feedback / "curated.parquet" and table.schema.equals(CURATED_SCHEMA)
     rows = table.to_pylist()
     assert [r["caption"] for r in rows] == CAPTIONS and {r["role"] for r in rows} == {"ref"}  # one per prompt
-    clip = load_clip("tiny")
+    clip = load_clip("toy")
     texts = clip.embed_texts(CAPTIONS)
     scores = json.loads((feedback / "scores.json").read_text())["prompts"]
     for index, row in enumerate(rows):

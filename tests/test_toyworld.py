@@ -183,8 +183,9 @@ def test_style_yamls_have_the_expected_keys_and_unique_tokens():
             styles_with_train.append(name)
         assert len(config["concepts"]) == (2 if name == "anime" else 1), name
         for concept in config["concepts"]:
-            assert set(concept) == {"token", "class_word", "ref", "aux"}, name
-            assert (STYLES_DIR / name / concept["ref"]).is_dir() and (STYLES_DIR / name / concept["aux"]).is_dir()
+            assert set(concept) == {"token", "class_word", "ref", "aux", "heldout"}, name
+            for role in ("ref", "aux", "heldout"):
+                assert (STYLES_DIR / name / concept[role]).is_dir(), (name, role)
             tokens.append(concept["token"])
     assert len(tokens) == len(set(tokens)) == 7
     assert len(styles_with_train) <= 1
@@ -201,9 +202,9 @@ def test_every_example_image_has_a_one_line_content_caption():
     for name in EXAMPLE_STYLES:
         config = yaml.safe_load((STYLES_DIR / name / "style.yaml").read_text(encoding="utf-8"))
         for concept in config["concepts"]:
-            for role in ("ref", "aux"):
+            for role in ("ref", "aux", "heldout"):
                 images = sorted((STYLES_DIR / name / concept[role]).glob("*.png"))
-                assert 9 <= len(images) <= 18, (name, role)
+                assert (4 if role == "heldout" else 9) <= len(images) <= 18, (name, role)
                 for image in images:
                     text = image.with_suffix(".txt").read_text(encoding="utf-8")
                     assert text.endswith("\n") and text.count("\n") == 1, image

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from diffusers import StableDiffusionPipeline
@@ -37,7 +38,7 @@ class StyleData:
     @classmethod
     def load(cls, path: Path, prior_dirs: Sequence[str] = ()) -> StyleData:
         """The curated table; each generated class-image folder i (pipeline/priors.py) adds concept i's "prior" rows."""
-        table = pq.read_table(path).to_pydict()
+        table = pq.read_table(path).filter(pc.field("role") != "heldout").to_pydict()  # scored, never trained on
         images = [Image.open(io.BytesIO(b)) for b in table["image"]]
         for concept, folder in enumerate(map(Path, prior_dirs)):
             manifest = json.loads((folder / "manifest.json").read_text())

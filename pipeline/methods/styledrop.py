@@ -48,7 +48,7 @@ class StyleDropOptions(BaseModel):
     feedback_candidates: int = Field(4, ge=1)  # images per prompt from the round-1 model (the paper: 64)
     feedback_inference_steps: int = Field(20, ge=1)
     feedback_guidance_scale: float = Field(5.0, ge=0)
-    clip: str = "auto"  # the scorer, as evaluate.clip: "auto" | "tiny" | [ARCH:]path
+    clip: str = "auto"  # the scorer, as evaluate.clip: "auto" | "toy" | [ARCH:]path
 
 
 class StyleDrop(Method):

@@ -1,0 +1,125 @@
+"""tiny-pretrained and the toy backbone: shipped in the repository, following prompts, and learning a style.
+
+These are the tests that show the pipeline learns something on a CPU: the base model draws held-out captions
+that the toy backbone reads back, and a short fine-tune moves KID to the StyleRef images with bootstrap
+intervals apart while the prompted content is still recognised.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from jobs import all_styles
+from pipeline import backbones, pretrain, toyworld
+from pipeline.generate import TOY_PROMPTS, sample_name
+from pipeline.models import ASSETS_DIR, TINY_PRETRAINED, load_components, load_pipeline, resolve_base_model
+from tests.conftest import REPO, copy_example_styles
+
+STYLE = "pixel-art"
+
+
+def test_the_model_and_backbone_load_from_the_repository_alone(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = Path(resolve_base_model(TINY_PRETRAINED, "/nonexistent-cache"))
+    assert folder.is_relative_to(REPO) and folder.is_relative_to(ASSETS_DIR)
+    weights = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert weights < 32e6  # the issue's ~30 MB budget
+    models = load_components(str(folder))
+    toy = backbones.toy_clip_model()
+    # one text tower, stored once: the backbone's is the model's text encoder
+    assert torch.equal(toy.clip.text_model.embeddings.token_embedding.weight,
+                       models.text_encoder.get_input_embeddings().weight)
+    card = json.loads((folder / "training.json").read_text())
+    assert (folder / "README.md").read_text().startswith("# tiny-pretrained")
+    assert card["prompt_following_held_out"]["color_accuracy"] > 2 * card["prompt_following_held_out"]["color_chance"]
+
+
+def test_the_base_model_draws_held_out_captions_the_backbone_reads_back():
+    """Fresh seeds, captions whose (kind, color, background) no training image had: well above chance."""
+    pipe = load_pipeline(resolve_base_model(TINY_PRETRAINED, "/nonexistent-cache"))
+    accuracy = pretrain.prompt_following(pipe, backbones.toy_clip_model(), n_images=32, steps=20, guidance=4.0,
+                                         seed=12345)
+    assert accuracy["color_accuracy"] >= 3 * accuracy["color_chance"], accuracy
+    assert accuracy["kind_accuracy"] >= 2 * accuracy["kind_chance"], accuracy
+    assert accuracy["background_accuracy"] >= 3 * accuracy["background_chance"], accuracy
+
+
+def test_the_backbone_tells_the_looks_apart_and_reads_content_through_them():
+    accuracy = pretrain.heads_accuracy(backbones.toy_clip_model(), n_images=140, seed=3)
+    assert accuracy["look_accuracy"] >= 0.8  # chance is 1/7
+    assert accuracy["color_accuracy"] >= 0.6 and accuracy["kind_accuracy"] >= 0.4  # chance 1/8 and 1/6
+
+
+def test_pretraining_is_seeded_and_writes_loadable_folders(tmp_path):
+    """The whole script at toy scale: both folders load with the pipeline's own loaders; a rerun is bitwise equal."""
+    cfg = pretrain.PretrainConfig(plain_scenes=64, styled_scenes_per_look=8, clip_steps=3, clip_batch_size=16,
+                                  vae_steps=2, vae_batch_size=4, unet_steps=2, unet_batch_size=8, eval_images=4,
+                                  eval_steps=2)
+    card = pretrain.pretrain(cfg, tmp_path / "out", tmp_path / "work")
+    assert set(card["prompt_following_held_out"]) >= {"kind_accuracy", "color_accuracy", "background_accuracy"}
+    models = load_components(str(tmp_path / "out" / "tiny-pretrained"))
+    toy = backbones.ToyClip.load(tmp_path / "out" / "toy-clip", tmp_path / "out" / "tiny-pretrained" / "text_encoder")
+    assert models.vae.config.scaling_factor != 1.0  # set from the latents' spread
+
+    plain, mixed = pretrain.build_data(cfg)
+    again = pretrain.train_clip(mixed, models.tokenizer, cfg, pretrain.Log(tmp_path / "again.log"))
+    assert all(torch.equal(a, b) for a, b in zip(toy.state_dict().values(), again.state_dict().values()))
+
+
+def test_held_out_captions_never_reach_training():
+    plain, mixed = pretrain.build_data(pretrain.PretrainConfig(plain_scenes=400, styled_scenes_per_look=20))
+    assert not any(pretrain.is_held_out(scene) for scene in mixed.scenes)
+    held_out = {toyworld.caption(s) for s in pretrain.held_out_scenes(50)}
+    assert not held_out & set(plain.captions)
+
+
+# ----------------------------------------------------------------------------- learning a style, end to end
+
+
+SINGLE_OBJECT_PROMPTS = [p for p in TOY_PROMPTS if not any(r in p for r in toyworld.RELATIONS)][:8]
+
+
+@pytest.fixture(scope="module")
+def style_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("learning")
+    copy_example_styles(root / "styles", [STYLE])
+    config = {
+        "name": "learning", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
+        "train": {"max_steps": 150},
+        "evaluate": {"prompts": SINGLE_OBJECT_PROMPTS, "seeds": [0, 1, 2], "num_inference_steps": 20},
+    }
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    assert all_styles.main(["--config", str(config_path)]) == 0
+    return root / "results" / "learning"
+
+
+def test_fine_tuning_moves_kid_to_the_style_with_intervals_apart(style_run):
+    results = pd.read_parquet(style_run / "results.parquet").set_index("method")
+    base, tuned = results.loc["base"], results.loc["styleboost"]
+    assert tuned.kid_ci_high < base.kid_ci_low, results[["kid", "kid_ci_low", "kid_ci_high"]]
+    assert tuned.style_similarity > base.style_similarity
+
+
+def test_the_tuned_model_still_draws_the_prompted_content(style_run):
+    """Single-object prompts: the backbone reads the prompted color and kind from the styled samples."""
+    samples = style_run / "samples" / STYLE / "styleboost"
+    seeds = json.loads((samples / "samples.json").read_text())["seeds"]
+    toy = backbones.toy_clip_model()
+    hits = {"color": [], "kind": []}
+    for index, content in enumerate(SINGLE_OBJECT_PROMPTS):
+        _, _, color, kind = content.split()[:4]
+        for seed in seeds:
+            image = np.asarray(Image.open(samples / sample_name(index, seed)).convert("RGB"))
+            predicted = toy.classify(torch.from_numpy(image[None]))
+            hits["color"].append(backbones.ATTRIBUTES["color"][predicted["color"].item()] == color)
+            hits["kind"].append(backbones.ATTRIBUTES["kind"][predicted["kind"].item()] == kind)
+    assert np.mean(hits["color"]) >= 3 / len(toyworld.COLORS), hits
+    assert np.mean(hits["kind"]) >= 2 / len(toyworld.KINDS), hits
