@@ -8,7 +8,7 @@
 3. Fan-out: N styles through `train_all` on local Ray against N x one style alone, per concurrent worker.
 4. Curation: Ray Data's `decode_all` against the same decoding in one process, over the example styles.
 5. Evaluation: generated images/s (8 prompts x 2 seeds, 20 steps, tiny pipeline) and features/s
-   (tiny backbones).
+   (the toy backbone).
 
 CPU: the tiny preset at 64 px. CUDA: also an SD1.5-shaped model (random weights) at 512 px, both in bf16.
 Prints a table and writes results/bench/<date>.json.

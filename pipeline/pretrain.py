@@ -206,7 +206,7 @@ def train_vae(data: ToyData, cfg: PretrainConfig, log: Log) -> AutoencoderKL:
             log(f"vae step {step}: reconstruction {rec_loss.item():.4f}")
     vae.eval()
     with torch.no_grad():  # SD's convention: scale latents to unit variance
-        sample = to_pixels(data.images[generator.choice(len(data.images), 512, replace=False)])
+        sample = to_pixels(data.images[generator.choice(len(data.images), min(512, len(data.images)), replace=False)])
         std = vae.encode(sample).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     log(f"vae scaling_factor {1.0 / std:.4f}")
@@ -390,6 +390,11 @@ def write_model_card(card: dict, folder: Path) -> None:
         "The backbone's own accuracy on rendered held-out scenes in every look (the ruler's precision): "
         + ", ".join(f"{name} {value:.2f}" for name, value in heads.items()) + ".",
         "",
+        *([f"**Not learnt at this training length:** {', '.join(weak)} (at most twice chance). The model draws the "
+           "prompted color, size and background, and the object as a blob; the backbone's heads do not read the "
+           "kind either. A longer run (`--set unet_steps=... --set clip_steps=...`, minutes on a GPU) is the fix.", ""]
+          if (weak := [name for name in ("kind", "color", "background")
+                       if follow[f"{name}_accuracy"] <= 2 * follow[f"{name}_chance"]]) else []),
         "Retrain: `python scripts/train_tiny_pretrained.py` (seeded; figures reproduce closely, bitwise only on the",
         "same machine and torch build). The toy metric backbone it also writes is `../toy-clip`.",
         "",

@@ -1,7 +1,7 @@
 """StyleDrop (Sohn et al., arXiv 2306.00983) on a diffusion UNet: a small adapter, descriptive prompts, CLIP feedback.
 
 Muse's adapters become a peft LoRA on the UNet's attention projections (rank 2 on to_q, to_k, to_v, to_out.0:
-5,504 weights = 0.69% of the tiny UNet; 398,592 = 0.046% of SD1.5's), everything else frozen. Prompts describe
+17,920 weights = 0.66% of the tiny UNet; 398,592 = 0.046% of SD1.5's), everything else frozen. Prompts describe
 the style in words, "<content> in <descriptor> style", rather than binding it to a rare token.
 
 Two rounds, the paper's CLIP-feedback rule (the PyTorch port has no round 2):
