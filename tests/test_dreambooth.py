@@ -22,7 +22,7 @@ CLASS_IMAGES = {"num_class_images": 3, "class_inference_steps": 2}
 
 def make_run(root: Path, styles: list[str], **dreambooth) -> Run:
     config = RunConfig(name="db", styles_dir=str(root / "styles"), results_dir=str(root / "results"),
-                       methods=["dreambooth"], styles=styles,
+                       methods=["dreambooth"], baselines=[], styles=styles,
                        train={"max_steps": 2, "checkpoint_every": 2, "train_text_encoder": False,
                               "method_options": {"dreambooth": {**CLASS_IMAGES, **dreambooth}}})
     return Run(config=config, styles=load_styles(config))

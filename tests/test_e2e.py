@@ -56,7 +56,7 @@ def test_every_stage_leaves_its_files(finished_run):
         assert set(report.status) <= {"kept", "rejected"} and (report.status == "kept").sum() >= 8
         curated = pd.read_parquet(run_dir / "curated" / f"{style}.parquet")
         assert len(curated) == (report.status == "kept").sum()
-        assert set(curated.role) == {"ref", "aux"} and (curated.caption_source == "sidecar").all()
+        assert set(curated.role) == {"ref", "aux", "heldout"} and (curated.caption_source == "sidecar").all()
         log = [json.loads(line) for line in (run_dir / "logs" / style / "styleboost" / "train_log.jsonl").open()]
         assert [entry["step"] for entry in log] == [1, 2, 3, 4]
     anime = pd.read_parquet(run_dir / "curated" / "anime.parquet")

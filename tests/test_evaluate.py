@@ -13,6 +13,7 @@ from pipeline.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, score_
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 SEEDS = [0, 1]
 N_REFERENCE = 7  # odd: the two noise-floor halves differ in size (4 and 3)
+N_HELDOUT = 3
 
 
 def write_pngs(folder: Path, count: int, seed: int, brightness: int) -> list[str]:
@@ -40,11 +41,12 @@ def toy_backbones():
 def scored(toy_backbones, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     reference = write_pngs(run_dir / "samples" / "ink" / "ref", N_REFERENCE, seed=0, brightness=0)
+    heldout = write_pngs(run_dir / "samples" / "ink" / "heldout", N_HELDOUT, seed=9, brightness=0)
     pairs = [(i, seed) for i in range(len(PROMPTS)) for seed in SEEDS]
     entries = [{"style": "ink", "method": method, "images": write_pngs(run_dir / "samples" / "ink" / method, len(pairs),
                                                                          seed=1 + m, brightness=60 * m),
                 "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
-                "texts": [PROMPTS[i] for i, _ in pairs], "reference": reference}
+                "texts": [PROMPTS[i] for i, _ in pairs], "reference": reference, "heldout": heldout}
                for m, method in enumerate(["base", "styleboost"])]
     rows, features = score_entries(entries, *toy_backbones, seed=0, run_id="test", run_dir=run_dir)
     table = pa.Table.from_pylist(features, schema=FEATURES_SCHEMA).to_pandas()
@@ -59,7 +61,8 @@ def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(s
     n_images = len(PROMPTS) * len(SEEDS)
     assert per_method == {("base", inception.info.name): n_images, ("base", clip.info.name): n_images,
                           ("styleboost", inception.info.name): n_images, ("styleboost", clip.info.name): n_images,
-                          ("ref", inception.info.name): N_REFERENCE, ("ref", clip.info.name): N_REFERENCE}
+                          ("ref", inception.info.name): N_REFERENCE, ("ref", clip.info.name): N_REFERENCE,
+                          ("heldout", inception.info.name): N_HELDOUT, ("heldout", clip.info.name): N_HELDOUT}
     ref = features[features.method == "ref"]
     assert ref.image.str.startswith("samples/ink/ref/").all() and ref.prompt_index.isna().all()
     base = features[(features.method == "base") & (features.backbone == inception.info.name)]
@@ -76,6 +79,8 @@ def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(s
         assert style_sim == rows[method]["style_sim"]
         consistency = metrics.set_consistency(gen, np.array(SEEDS * len(PROMPTS)))
         assert np.mean(consistency) == pytest.approx(rows[method]["style_consistency"], abs=1e-12)
+        held = stacked("heldout", inception.info.name)
+        assert metrics.kid(gen, held, seed=0) == rows[method]["kid_heldout"] and rows[method]["n_heldout"] == N_HELDOUT
 
 
 def test_kid_spread_and_intervals_hold_their_point_estimates(scored):

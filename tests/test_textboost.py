@@ -112,7 +112,7 @@ def test_only_the_lora_and_the_new_token_rows_change(job):
             assert torch.equal(after[key] if key in after else after[lora_key], value), key
     trainable = [n for n, p in models.text_encoder.named_parameters() if p.requires_grad]
     assert all("lora_" in n or n == "embeddings.token_embedding.weight" for n in trainable)
-    assert sum("lora_" in n for n in trainable) == 2 * 3 * 2  # A and B on q, k, v of both layers
+    assert sum("lora_" in n for n in trainable) == 2 * 3 * 3  # A and B on q, k, v of all three layers
     lora_b = [p for n, p in models.text_encoder.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # zero at init, trained now
 
@@ -209,7 +209,7 @@ def test_kohya_copy_has_a1111_names_and_the_trained_deltas(exported):
     job, models = exported
     kohya = load_file(Path(job.model_dir) / KOHYA_FILE)
     modules = [f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}_proj"
-               for layer in range(2) for proj in ("q", "k", "v")]
+               for layer in range(3) for proj in ("q", "k", "v")]
     assert set(kohya) == {f"{m}.{part}" for m in modules for part in ("lora_down.weight", "lora_up.weight", "alpha")}
     for module in modules:
         down, up, alpha = (kohya[f"{module}.{part}"] for part in ("lora_down.weight", "lora_up.weight", "alpha"))
