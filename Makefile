@@ -33,7 +33,7 @@ bench: $(STAMP)  ## speed, as ratios against references timed in the same run (p
 styles: $(STAMP)  ## regenerate the example styles from the procedural toy world
 	$(PY) scripts/make_example_styles.py --out styles
 
-pretrain: $(STAMP)  ## retrain tiny-pretrained and the toy backbone into pipeline/assets (~1 h on 2 CPU cores)
+pretrain: $(STAMP)  ## retrain tiny-pretrained and the toy backbone into pipeline/assets (~80 min on 2 CPU cores)
 	$(PY) scripts/train_tiny_pretrained.py
 
 fetch-weights: $(STAMP)  ## download the real Inception, CLIP and DINO weights, checked (MODELS_DIR=... to choose)

@@ -1,6 +1,6 @@
 """Train `tiny-pretrained` and the toy metric backbone from scratch on the toy world.
 
-    python scripts/train_tiny_pretrained.py            # ~1 h on 2 CPU cores; minutes on a GPU
+    python scripts/train_tiny_pretrained.py            # ~80 min on 2 CPU cores; minutes on a GPU
 
 Three phases, each on the procedural world of pipeline/toyworld.py at 64 px, each from a fixed seed:
 

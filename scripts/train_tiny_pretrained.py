@@ -2,7 +2,7 @@
 
     python scripts/train_tiny_pretrained.py [--out pipeline/assets] [--work results/pretrain] [--set unet_steps=3000]
 
-About an hour on 2 CPU cores with the defaults of pipeline.pretrain.PretrainConfig; everything is seeded, so
+About 80 minutes on 2 CPU cores (measured: 79) with the defaults of pipeline.pretrain.PretrainConfig; everything is seeded, so
 a rerun reproduces the shipped figures closely (bitwise only on the same machine and torch build).
 """
 from __future__ import annotations
