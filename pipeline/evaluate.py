@@ -47,7 +47,7 @@ RESULTS_SCHEMA = pa.schema([
     ("kid_heldout_ci_high", pa.float64()), ("style_sim_heldout", pa.float64()),
     ("style_sim_heldout_ci_low", pa.float64()), ("style_sim_heldout_ci_high", pa.float64()),
     ("inception_backbone", pa.string()), ("clip_backbone", pa.string()), ("dino_backbone", pa.string()),
-    ("backbones_real", pa.bool_()),
+    ("backbones_real", pa.bool_()), ("backbone_sha256", pa.string()),
     ("samples_dir", pa.string()), ("model_dir", pa.string()), ("config_hash", pa.string()),
     ("versions", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
 ])
@@ -182,7 +182,8 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
     """
     backbone_names = {"inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
                       "dino_backbone": dino.info.name,
-                      "backbones_real": inception.info.real and clip.info.real and dino.info.real}
+                      "backbones_real": inception.info.real and clip.info.real and dino.info.real,
+                      "backbone_sha256": json.dumps({b.info.name: b.info.sha256 for b in (inception, clip, dino)})}
     references: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     heldout: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     rows, features = [], []
@@ -271,7 +272,8 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     for (style, method), error in generate_all(jobs, cfg.gpus_per_task).items():
         run.record(style, f"generate:{method}", error)
     contents = content_prompts(run)
-    write_json_atomic(run.dir / "samples" / "prompts.json", [{"index": i, "content": c} for i, c in enumerate(contents)])
+    write_json_atomic(run.dir / "samples" / "prompts.json",
+                      [{"index": i, "content": c} for i, c in enumerate(contents)])
     entries, by_key = [], {}
     references: dict[str, list[str]] = {}
     heldout: dict[str, list[str]] = {}
@@ -331,6 +333,13 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
         print(f"[evaluate] WARNING: metrics use the toy backbone ({rows[0]['inception_backbone']}, "
               f"{rows[0]['clip_backbone']}): compare them only within this setup, not with published numbers. "
               "Put real weights in model.models_dir (see README).", flush=True)
+    # The whole protocol, beside the rows: what any reader needs to reproduce or compare the numbers.
+    protocol = {"prompts": contents, "seeds": cfg.seeds, "sampler": "DDIM",
+                "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+                "resolution": run.config.model.resolution, "base_model": run.config.model.base, "kid_seed": cfg.kid_seed,
+                "backbone_sha256": json.loads(rows[0]["backbone_sha256"]), "versions": json.loads(versions)}
+    table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+    table = table.replace_schema_metadata({"style_factory_protocol": json.dumps(protocol)})
     path = run.dir / "results.parquet"
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), path)
+    write_parquet_atomic(table, path)
     return path

@@ -192,7 +192,8 @@ def generate_all(jobs: list[SampleJob], gpus_per_task: float = 0) -> dict[tuple[
     if rows:
         resources = ray.cluster_resources()
         if gpus_per_task:
-            actors, per_actor, device = int(resources.get("GPU", 0) // gpus_per_task), {"num_gpus": gpus_per_task}, "cuda"
+            actors, device = int(resources.get("GPU", 0) // gpus_per_task), "cuda"
+            per_actor = {"num_gpus": gpus_per_task}
         else:
             actors, per_actor, device = int(resources.get("CPU", 1)), {"num_cpus": 1}, "cpu"
         results = ray.data.from_items(rows).map_batches(

@@ -31,7 +31,8 @@ BASE_METHOD = "base"
 NOISE_FLOOR = "noise-floor"  # StyleRef split-half row: a reference point, not a model
 REPORT_FILENAME = "report.html"
 ASSETS_DIRNAME = "report_assets"
-TOY_BACKBONE_WARNING = "metrics computed with the toy backbone (trained on the toy world): not comparable to published numbers"
+TOY_BACKBONE_WARNING = ("metrics computed with the toy backbone (trained on the toy world): "
+                        "not comparable to published numbers")
 
 
 @dataclass(frozen=True)

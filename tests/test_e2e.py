@@ -5,6 +5,7 @@ import json
 from html.parser import HTMLParser
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from diffusers import StableDiffusionPipeline
@@ -84,6 +85,10 @@ def test_results_table_has_a_row_per_style_and_model(finished_run):
     assert len(features) == 2 * (results.n_images.sum() + per_style)  # toy image embedding (Inception, DINO) + CLIP
     assert (~results.backbones_real).all() and results.inception_backbone.str.contains("NOT REAL").all()
     assert results.config_hash.nunique() == 1 and "torch" in json.loads(results.versions[0])
+    protocol = json.loads(pq.read_schema(run_dir / "results.parquet").metadata[b"style_factory_protocol"])
+    assert protocol["prompts"] == ["a red circle on a blue background", "a yellow star above a green square"]
+    assert protocol["seeds"] == [0, 1] and protocol["sampler"] == "DDIM" and protocol["num_inference_steps"] == 3
+    assert all(len(digest) == 64 for digest in protocol["backbone_sha256"].values())
     base_prompt = results[(results["style"] == "anime") & (results.method == "base")].prompt.item()
     tuned_prompt = results[(results["style"] == "anime") & (results.method == "styleboost")].prompt.item()
     assert "ukj illustration" in tuned_prompt and "zwx background" in tuned_prompt and "ukj" not in base_prompt
