@@ -230,13 +230,17 @@ class FeatureExtractor:
         return np.concatenate(features)
 
 
-def find_inception_file(models_dir: str | None) -> Path | None:
-    search_dirs = [Path(models_dir)] if models_dir else []
-    search_dirs += [CLEANFID_INCEPTION_DIR, STYLE_FACTORY_CACHE_DIR]
-    for folder in search_dirs:
-        if (folder / INCEPTION_FILE_NAME).is_file():
-            return folder / INCEPTION_FILE_NAME
+def find_in_folders(file_name: str, models_dir: str | None, *more: Path) -> Path | None:
+    """`file_name` in models_dir, then in `more`, then in ~/.cache/style-factory (where
+    scripts/fetch_weights.py puts it)."""
+    for folder in ([Path(models_dir)] if models_dir else []) + [*more, STYLE_FACTORY_CACHE_DIR]:
+        if (folder / file_name).is_file():
+            return folder / file_name
     return None
+
+
+def find_inception_file(models_dir: str | None) -> Path | None:
+    return find_in_folders(INCEPTION_FILE_NAME, models_dir, CLEANFID_INCEPTION_DIR)
 
 
 def real_inception(weight_file: Path, device: str) -> FeatureExtractor:
@@ -315,14 +319,6 @@ class ClipBackbone:
         with torch.inference_mode():
             tokens = self.tokenizer(texts).to(self.device)
             return unit_rows_float64(self.model.encode_text(tokens))
-
-
-def find_in_folders(file_name: str, models_dir: str | None) -> Path | None:
-    """`file_name` in models_dir, then in ~/.cache/style-factory (where scripts/fetch_weights.py puts it)."""
-    for folder in ([Path(models_dir)] if models_dir else []) + [STYLE_FACTORY_CACHE_DIR]:
-        if (folder / file_name).is_file():
-            return folder / file_name
-    return None
 
 
 def find_clip_file(models_dir: str | None) -> Path | None:
