@@ -195,7 +195,8 @@ def decode_all(paths: list[Path], cfg: CurateConfig, resolution: int) -> dict[st
     dataset = ray.data.from_items([{"path": str(p)} for p in paths])
     decoded = dataset.map_batches(DecodeBatch, fn_constructor_kwargs={"cfg": cfg.model_dump(),
                                   "resolution": resolution}, batch_size=8,
-                                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+                                  compute=ray.data.ActorPoolStrategy(
+                                      min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
     return {row["path"]: row for row in decoded.iter_rows()}
 
 

@@ -1,11 +1,16 @@
-"""Train: one Ray Train run per (style, method), fanned out concurrently; one loop shared by every method.
+"""Train: every (style, method) fanned out over the cluster; one loop shared by every method.
 
-A run's checkpoints live under `<run>/ray_train/<style>-<method>-<key>/`; rerunning the same job
-resumes from the last one. The finished model is exported to `<run>/models/<style>/<method>/` as a
-diffusers folder, with `model_card.json` recording the key that decides whether it is up to date.
+The jobs are dealt into as many groups as the cluster trains at once. A group is one Ray Train run whose
+workers load the base model once and train the group's jobs in turn, each on a fresh copy of the base kept
+in host memory: a style pays no process start-up and no model load of its own. Checkpoints live under
+`<run>/ray_train/<group>/` (a one-job group is named `<style>-<method>-<key>`); rerunning the same job
+forms the same groups and resumes from the last checkpoint. Each finished model is exported to
+`<run>/models/<style>/<method>/` as a diffusers folder, with `model_card.json` recording the key that
+decides whether it is up to date.
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -19,14 +24,25 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_text_atomic
+from pipeline.files import (
+    code_version,
+    replace_dir_atomic,
+    sha256_of,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.methods import Batch, Method, StyleData, get_method
-from pipeline.models import Components, base_model_identity, load_components, resolve_base_model
+from pipeline.models import (
+    Components,
+    base_model_identity,
+    load_components,
+    resolve_base_model,
+)
 from pipeline.priors import class_image_dir, generate_class_images
 from pipeline.run import Run
 
@@ -51,6 +67,11 @@ class TrainJob:
     @property
     def trainer_name(self) -> str:
         return f"{self.style}-{self.method}-{self.key[:12]}"
+
+    @property
+    def error_path(self) -> Path:
+        """Where the job's worker records the error that stopped it (cleared when the job is tried again)."""
+        return Path(self.log_path).with_suffix(".error.json")
 
     def is_done(self) -> bool:
         card = Path(self.model_dir) / "model_card.json"
@@ -197,12 +218,12 @@ def trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(folder: Path, models: Components, modules: list[str], optimizer, step: int,
+def save_checkpoint(folder: Path, job_key: str, models: Components, modules: list[str], optimizer, step: int,
                     losses: list[float]) -> None:
     for name in modules:
         save_file(trained_state(getattr(models, name)), folder / f"{name}.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    (folder / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+    (folder / "state.json").write_text(json.dumps({"job": job_key, "step": step, "losses": losses}))
 
 
 def load_trained_weights(models: Components, modules: list[str], folder: Path) -> None:
@@ -247,56 +268,8 @@ def build_optimizer(param_groups: list[dict], cfg: TrainConfig, device: torch.de
     return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)  # foreach kernels on CUDA
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: the loop every method shares."""
-    import ray.train
-    import ray.train.torch
-
-    job = TrainJob(**config)
-    cfg = TrainConfig.model_validate(job.train)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-
-    models = load_components(job.base_model)
-    method = job.load_method()
-    param_groups = method.prepare(models, cfg)
-    modules = method.trained_modules(cfg)
-    data = job.load_data()
-    for part in (models.vae, models.text_encoder, models.unet):
-        part.to(device)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
-    apply_fast_paths(models, cfg)
-    optimizer = build_optimizer(param_groups, cfg, device)
-
-    step, losses = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            load_trained_weights(models, modules, Path(folder))
-            optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
-            state = json.loads((Path(folder) / "state.json").read_text())
-            step, losses = state["step"], state["losses"]
-    for name in modules:  # data parallel across this style's workers (no-op for one worker)
-        setattr(models, name, ray.train.torch.prepare_model(getattr(models, name)))
-
-    while step < cfg.max_steps:
-        losses.append(optimisation_step(models, method, data, cache, optimizer, cfg, step, rank, device))
-        step += 1
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            metrics = {"step": step, "loss": losses[-1]}
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    save_checkpoint(Path(tmp), models, modules, optimizer, step, losses)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
-
-
 # ---------------------------------------------------------------------------------------------
-# Fan-out (driver side)
+# Export (rank 0 of a training group; zero-shot methods in a task of their own)
 # ---------------------------------------------------------------------------------------------
 
 def write_model(job: TrainJob, method: Method, write: Callable[[Path], None], **facts) -> dict:
@@ -313,24 +286,26 @@ def write_model(job: TrainJob, method: Method, write: Callable[[Path], None], **
     return card
 
 
-def export_model(job: TrainJob, checkpoint_dir: Path) -> dict:
-    """Write the trained model the method's way (atomically), plus its card and loss log."""
-    from pipeline.models import load_pipeline
+def export_model(job: TrainJob, checkpoint_dir: Path, base: Components | None = None, **facts) -> dict:
+    """Write the trained model the method's way (atomically), plus its card and loss log.
 
+    The checkpoint's weights go into a copy of `base` (the worker's copy in host memory), or into the base
+    model loaded from disk when none is given."""
     cfg = TrainConfig.model_validate(job.train)
     method = job.load_method()
-    pipe = load_pipeline(job.base_model)
-    models = Components(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-                        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=job.base_model)
+    models = copy.deepcopy(base) if base is not None else load_components(job.base_model)
     method.prepare(models, cfg)  # the same trainable structure (adapters, new tokens) the checkpoint was saved from
     load_trained_weights(models, method.trained_modules(cfg), checkpoint_dir)
-    pipe.text_encoder, pipe.unet = models.text_encoder, models.unet
+    pipe = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+        scheduler=DDIMScheduler.from_pretrained(job.base_model, subfolder="scheduler"),  # as load_pipeline samples
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     state = json.loads((checkpoint_dir / "state.json").read_text())
     # The log first: the model card marks the job done, so a crash between the two must not lose the log.
     log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(state["losses"]))
     write_text_atomic(Path(job.log_path), log)
     return write_model(job, method, lambda out: method.export(pipe, out, cfg),
-                       steps=state["step"], final_loss=state["losses"][-1])
+                       steps=state["step"], final_loss=state["losses"][-1], **facts)
 
 
 @ray.remote
@@ -339,45 +314,147 @@ def prepare_untrained(job: TrainJob) -> dict:
     cfg = TrainConfig.model_validate(job.train)
     method = job.load_method()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    method.check_data(job.load_data(), cfg)
     return write_model(job, method, lambda out: method.prepare_reference(job.load_data(), cfg, job.base_model,
                                                                          out, device), steps=0, final_loss=None)
 
 
-def train_round(job: TrainJob, cfg: TrainConfig) -> None:
-    """Train one round with Ray Train, resuming from its checkpoints, then export it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def train_job(job: TrainJob, method: Method, base: Components, checkpoint, device: torch.device) -> None:
+    """Train `job` on a copy of `base` (host memory, untouched), resuming from `checkpoint` when it is this job's,
+    reporting a checkpoint every `checkpoint_every` steps; rank 0 exports the model after the last step."""
+    import ray.train
+    import ray.train.torch
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(job),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=job.trainer_name, storage_path=job.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        export_model(job, Path(folder))
+    cfg = TrainConfig.model_validate(job.train)
+    rank = ray.train.get_context().get_world_rank()
+    started = time.time()
+    data = job.load_data()
+    method.check_data(data, cfg)
+    models = copy.deepcopy(base)
+    torch.manual_seed(cfg.seed)  # before prepare: adapters and new token rows start from the same draw in any group
+    param_groups = method.prepare(models, cfg)
+    modules = method.trained_modules(cfg)
+    for part in (models.vae, models.text_encoder, models.unet):
+        part.to(device)
+    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    apply_fast_paths(models, cfg)
+    optimizer = build_optimizer(param_groups, cfg, device)
+
+    step, losses = 0, []
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = json.loads((Path(folder) / "state.json").read_text())
+            if state.get("job") == job.key:  # the group's latest checkpoint may be an earlier, finished job's
+                load_trained_weights(models, modules, Path(folder))
+                optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
+                step, losses = state["step"], state["losses"]
+    for name in modules:  # data parallel across this style's workers (no-op for one worker)
+        setattr(models, name, ray.train.torch.prepare_model(getattr(models, name)))
+
+    while step < cfg.max_steps:
+        losses.append(optimisation_step(models, method, data, cache, optimizer, cfg, step, rank, device))
+        step += 1
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    save_checkpoint(Path(tmp), job.key, models, modules, optimizer, step, losses)
+                    if step == cfg.max_steps:  # exported before it is reported: a restart finds the job done
+                        export_model(job, Path(tmp), base, train_seconds=round(time.time() - started, 1))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({"style": job.style, "method": job.method, "step": step, "loss": losses[-1]},
+                                 checkpoint=checkpoint,
+                                 checkpoint_dir_name=f"{job.style}-{job.method}-{job.key[:8]}-step_{step:07d}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: the group's jobs in turn, on a base model this worker loads once.
+
+    Each job trains a copy of the base held in host memory, so no job sees another's weights and none pays
+    the process start-up and model load again. A job that raises (its data, a NaN loss, out of memory) is
+    recorded in `<job log>.error.json` and the group moves on; a worker that dies restarts the group, which
+    skips the exported jobs and resumes the latest checkpoint.
+    """
+    import ray.train
+    import ray.train.torch
+
+    jobs = [TrainJob(**job) for job in config["jobs"]]
+    torch.set_num_threads(max(1, int(TrainConfig.model_validate(jobs[0].train).cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
+    base = load_components(jobs[0].base_model)  # every job of a group shares its base model
+    checkpoint = ray.train.get_checkpoint()
+    for job in jobs:
+        method = job.load_method()
+        try:
+            for round_job in method.rounds(job):  # a round is exported before the method plans the next one
+                if not round_job.is_done():
+                    train_job(round_job, method, base, checkpoint, device)
+                    if torch.distributed.is_initialized():
+                        torch.distributed.barrier()  # the next round reads what rank 0 exported
+        except Exception as err:  # noqa: BLE001 - the job's own failure; the group's other jobs go on
+            if rank == 0:
+                write_json_atomic(job.error_path, {"key": job.key, "error": f"{type(err).__name__}: {err}"})
+            print(f"[train] {job.style}/{job.method} FAILED: {type(err).__name__}: {err}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fan-out (driver side)
+# ---------------------------------------------------------------------------------------------
+
+def worker_kind(job: TrainJob) -> tuple:
+    """Jobs of one kind can share workers: the same base model and the same workers."""
+    cfg = TrainConfig.model_validate(job.train)
+    return job.base_model, cfg.num_workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.max_failures
+
+
+def group_jobs(jobs: list[TrainJob], slots: int) -> list[list[TrainJob]]:
+    """Deal the trainable jobs of each kind into at most `slots` groups, longest first, each to the group with
+    the fewest steps so far: each group is one Ray Train run whose workers load the base model once and train
+    its jobs in turn.
+
+    Dealt from every job, done or not, so that a rerun on the same cluster forms the same groups (the same
+    Ray Train runs) and resumes their checkpoints; finished jobs are skipped inside the group."""
+    def steps(job: TrainJob) -> int:
+        return TrainConfig.model_validate(job.train).max_steps
+
+    kinds: dict[tuple, list[TrainJob]] = {}
+    for job in sorted(jobs, key=lambda j: -steps(j)):
+        kinds.setdefault(worker_kind(job), []).append(job)
+    groups = []
+    for members in kinds.values():
+        dealt: list[list[TrainJob]] = [[] for _ in range(min(slots, len(members)))]
+        for job in members:
+            min(dealt, key=lambda group: sum(map(steps, group))).append(job)
+        groups += dealt
+    return groups
+
+
+def group_name(group: list[TrainJob]) -> str:
+    """A one-job group keeps the job's trainer name; a larger one adds how many follow and their keys' hash."""
+    first = group[0].trainer_name
+    return first if len(group) == 1 else f"{first}+{len(group) - 1}-{sha256_of([j.key for j in group])[:8]}"
 
 
 @ray.remote(num_cpus=0)
-def fit_style(job: TrainJob) -> dict:
-    """Train one (style, method), round by round (most methods train one), and export it."""
-    cfg = TrainConfig.model_validate(job.train)
-    started = time.time()
-    method = job.load_method()
-    method.check_data(job.load_data(), cfg)
-    if not method.trains:
-        task = prepare_untrained.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
-        return {**ray.get(task.remote(job)), "seconds": round(time.time() - started, 1)}
-    for round_job in method.rounds(job):  # a round is exported before the method plans the next one
-        if not round_job.is_done():  # an earlier round may have finished before an interruption
-            train_round(round_job, cfg)
-    card = json.loads((Path(job.model_dir) / "model_card.json").read_text())  # the last round's
-    return {**card, "seconds": round(time.time() - started, 1)}
+def fit_group(group: list[TrainJob]) -> None:
+    """One Ray Train run that trains the group's jobs in turn (train_loop_per_worker), resuming its checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = TrainConfig.model_validate(group[0].train)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"jobs": [asdict(job) for job in group]},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=group_name(group), storage_path=group[0].storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    ).fit()
 
 
 def plan_training(run: Run) -> list[TrainJob]:
@@ -415,41 +492,68 @@ def trainings_that_fit(jobs: list[TrainJob]) -> int:
 
 
 def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[tuple[str, str], dict]:
-    """Fan out every job not already done, `max_concurrent` at a time; a failing style never stops the others.
+    """Train every job not already done, at most `max_concurrent` Ray Train runs at a time (default: as many
+    as the cluster runs at once); zero-shot jobs each get a task. A failing style never stops the others.
 
-    More trainings in flight than the cluster can run would only wait, each holding a driver process's memory.
+    More runs in flight than the cluster can run would only wait, each holding a driver process's memory.
     """
     outcomes: dict[tuple[str, str], dict] = {}
-    waiting = []
     for job in jobs:
         if job.is_done():
             outcomes[(job.style, job.method)] = {"status": "reused", "model_dir": job.model_dir}
-        else:
-            waiting.append(job)
-    limit = max_concurrent or trainings_that_fit(waiting)
+        job.error_path.unlink(missing_ok=True)  # a failure of an earlier run is tried again
+    waiting = [job for job in jobs if (job.style, job.method) not in outcomes]
+    slots = max_concurrent or trainings_that_fit(waiting)
+    trainable = [job for job in jobs if job.load_method().trains]
+    queue = [[job] for job in waiting if not job.load_method().trains]
+    queue += [group for group in group_jobs(trainable, slots) if not all(job.is_done() for job in group)]
     pending = {}
-    while waiting or pending:
-        while waiting and len(pending) < limit:
-            job = waiting.pop(0)
-            pending[fit_style.remote(job)] = job
-        done, _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(done[0])
+    while queue or pending:
+        while queue and len(pending) < slots:
+            group = queue.pop(0)
+            pending[start_group(group)] = (group, time.time())
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        group, started = pending.pop(done)
         try:
-            card = ray.get(done[0])
-            outcomes[(job.style, job.method)] = {"status": "trained", "model_dir": job.model_dir, **card}
-            loss = "" if card["final_loss"] is None else f", final loss {card['final_loss']:.4f}"
-            print(f"[train] {job.style}/{job.method}: {card['steps']} steps{loss}, {card['seconds']} s", flush=True)
-        except Exception as err:  # noqa: BLE001 - report the failure and keep the other styles going
-            outcomes[(job.style, job.method)] = {"status": "failed", "error": _explain(err, job)}
-            print(f"[train] {job.style}/{job.method} FAILED: {outcomes[(job.style, job.method)]['error']}",
-                  flush=True)
+            ray.get(done)
+            error = None
+        except Exception as err:  # noqa: BLE001 - the group's run failed as a whole; its unfinished jobs say so
+            lines = str(err).strip().splitlines()
+            error = lines[-1] if lines else type(err).__name__
+        for job in group:
+            if (job.style, job.method) not in outcomes:
+                outcomes[(job.style, job.method)] = job_outcome(job, error, time.time() - started)
     return outcomes
 
 
-def _explain(err: Exception, job: TrainJob) -> str:
-    text = str(err).strip().splitlines()
-    message = text[-1] if text else type(err).__name__
-    if "out of memory" in str(err).lower():
+def start_group(group: list[TrainJob]) -> ray.ObjectRef:
+    """A Ray Train run for trainable jobs; a task with one worker's resources for a zero-shot one."""
+    if group[0].load_method().trains:
+        print(f"[train] {group_name(group)}: {', '.join(f'{j.style}/{j.method}' for j in group)}, in turn, "
+              "on workers that load the base model once", flush=True)
+        return fit_group.remote(group)
+    cfg = TrainConfig.model_validate(group[0].train)
+    return prepare_untrained.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(group[0])
+
+
+def job_outcome(job: TrainJob, group_error: str | None, group_seconds: float) -> dict:
+    """What became of a job once its group ended: its model card, the error it recorded, or the group's."""
+    if job.is_done():
+        card = json.loads((Path(job.model_dir) / "model_card.json").read_text())
+        loss = "" if card["final_loss"] is None else f", final loss {card['final_loss']:.4f}"
+        seconds = card.get("train_seconds", round(group_seconds, 1))
+        print(f"[train] {job.style}/{job.method}: {card['steps']} steps{loss}, {seconds} s", flush=True)
+        return {"status": "trained", "model_dir": job.model_dir, **card}
+    recorded = job.error_path
+    message = json.loads(recorded.read_text())["error"] if recorded.is_file() else group_error or "did not finish"
+    message = explain(message, job)
+    print(f"[train] {job.style}/{job.method} FAILED: {message}", flush=True)
+    return {"status": "failed", "error": message}
+
+
+def explain(message: str, job: TrainJob) -> str:
+    """The error, plus what to change when it is one the settings can fix."""
+    if "out of memory" in message.lower():
         message += (f" -- style {job.style!r} ran out of GPU memory: lower train.batch_size, set "
                     "train.mixed_precision: bf16 or train.gradient_checkpointing: true, or give each worker "
                     "a whole GPU (train.gpus_per_worker: 1)")

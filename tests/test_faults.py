@@ -27,7 +27,7 @@ import yaml
 from pipeline.curate import curate_styles
 from pipeline.report import write_report
 from pipeline.run import open_run, parse_args
-from pipeline.train import TrainJob, _explain, plan_training, train_all
+from pipeline.train import TrainJob, explain, plan_training, train_all
 from tests.conftest import REPO, make_style
 from tests.test_report import make_run
 
@@ -265,13 +265,14 @@ def oom_job() -> TrainJob:
 
 def test_out_of_memory_names_the_style_and_the_settings_to_lower():
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total)")
-    message = _explain(error, oom_job())
+    message = explain(str(error), oom_job())
     assert message.startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "'watercolor'" in message and "train.batch_size" in message and "train.mixed_precision: bf16" in message
 
 
 def test_out_of_memory_in_a_train_worker_reaches_the_driver_with_the_advice(ray_session, tmp_path):
-    """The error travels worker -> Ray Train controller -> a fit_style-like task -> driver, as in train_all."""
+    """A run that fails as a whole: the error travels worker -> Ray Train controller -> a fit_group-like task
+    -> driver, where train_all explains its last line."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -287,7 +288,7 @@ def test_out_of_memory_in_a_train_worker_reaches_the_driver_with_the_advice(ray_
 
     with pytest.raises(Exception) as caught:
         ray.get(fit.remote(str(tmp_path)))
-    message = _explain(caught.value, oom_job())
+    message = explain(str(caught.value).strip().splitlines()[-1], oom_job())
     assert "CUDA out of memory" in message and "'watercolor'" in message and "train.batch_size" in message
 
 

@@ -59,7 +59,7 @@ def train_in_process(job: TrainJob, steps: int, export: bool = False) -> tuple[C
     if export:
         folder = Path(job.storage_path) / job.trainer_name
         folder.mkdir(parents=True)
-        save_checkpoint(folder, models, method.trained_modules(cfg), optimizer, steps, losses)
+        save_checkpoint(folder, job.key, models, method.trained_modules(cfg), optimizer, steps, losses)
         export_model(job, folder)
     return models, losses
 
