@@ -7,8 +7,8 @@
    GPU the model-FLOPs utilisation against the device's peak.
 3. Fan-out: N styles through `train_all` on local Ray, two or more per (warm) worker, against N x one style
    alone divided by the number of workers: above 1.0 when warm workers save more than concurrency costs.
-4. Curation: Ray Data's `decode_all` against the same decoding in one process, over the example styles once
-   and eight times: each one's fixed cost per pass and its rate per image.
+4. Curation: Ray Data's `decode_all` against the same decoding in one process, over the example StyleRef
+   images as 1024 px JPEGs (to 512 px), once and four times: each one's fixed cost per pass and rate per image.
 5. Evaluation: generated images/s (8 prompts x 2 seeds, 20 steps, tiny pipeline) and features/s
    (the toy backbone).
 
@@ -56,7 +56,7 @@ from pipeline.train import (apply_fast_paths, build_optimizer, encode_latent_cac
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 3
-ROUNDS, STEPS_PER_ROUND = 5, 4  # the loops take turns, so load from other processes hits all of them alike
+ROUNDS, STEPS_PER_ROUND = 10, 4  # the loops take turns, so load from other processes hits all of them alike
 FAN_OUT_STEPS = 10
 # Dense bf16 tensor-core peaks, TFLOP/s, by a part of torch.cuda.get_device_name(); the first match wins.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L40", 181),
@@ -216,7 +216,7 @@ def bench_fan_out(workdir: Path, styles: list[str], workers: int) -> dict:
                        methods=["styleboost"], baselines=[], train=train)
     run = Run(config=config, styles=load_styles(config))
     curate_styles(run)
-    jobs = plan_training(run)
+    jobs = [replace(job, train=train.model_dump()) for job in plan_training(run)]  # not the styles' own steps
 
     def wall_time(jobs: list, folder: str, concurrent: int) -> float:
         out = workdir / folder  # fresh model folders and checkpoints: nothing is reused or resumed
@@ -236,13 +236,20 @@ def bench_fan_out(workdir: Path, styles: list[str], workers: int) -> dict:
             "one_alone_s": alone, "efficiency": len(jobs) * alone / (together * workers)}
 
 
-def bench_curation(resolution: int, repeats: int = 8) -> dict:
-    """decode_all (Ray Data) against the same DecodeBatch function in one process, over the example styles'
-    images once and `repeats` times: the difference gives each one's fixed cost and its rate per image."""
+def bench_curation(workdir: Path, resolution: int, repeats: int = 4) -> dict:
+    """decode_all (Ray Data) against the same DecodeBatch function in one process, over a folder of photo-sized
+    JPEGs (the example StyleRef images at 1024 px) once and `repeats` times: the difference gives each one's
+    fixed cost per pass and its rate per image."""
     config = RunConfig(styles_dir=str(REPO / "styles"))
-    paths = [c.path.resolve() for style in load_styles(config) for c in list_candidates(style) if not c.rejected]
-    for path in paths:  # both read from the page cache
-        path.read_bytes()
+    folder = workdir / "curation"
+    folder.mkdir()
+    paths = []
+    for style in load_styles(config):
+        for candidate in list_candidates(style):
+            if candidate.role == "ref" and not candidate.rejected:
+                paths.append(folder / f"{style.name}-{candidate.path.stem}.jpg")
+                Image.open(candidate.path).convert("RGB").resize((1024, 1024), Image.Resampling.BICUBIC) \
+                    .save(paths[-1], quality=92)
     cfg = CurateConfig()
     decode_one_process = DecodeBatch(cfg.model_dump(), resolution)
     timed = {"ray_data": lambda batch: decode_all(batch, cfg, resolution),
@@ -254,7 +261,7 @@ def bench_curation(resolution: int, repeats: int = 8) -> dict:
         rate = (repeats - 1) * len(paths) / (large - small)
         figures[name] = {"images_per_s": rate, "fixed_s": max(0.0, small - len(paths) / rate),
                          f"{len(paths)}_images_s": small, f"{repeats * len(paths)}_images_s": large}
-    return {"images": len(paths), "repeats": repeats, **figures,
+    return {"images": len(paths), "source_px": 1024, "resolution": resolution, "repeats": repeats, **figures,
             "speedup": figures["ray_data"]["images_per_s"] / figures["one_process"]["images_per_s"]}
 
 
@@ -303,7 +310,7 @@ def table(results: dict) -> str:
         (f"fan-out {f['styles']} styles on {f['concurrent_workers']} warm workers vs {f['styles']} x 1 alone "
          f"/ {f['concurrent_workers']} (s)", f"{f['together_s']:.1f}",
          f"{f['styles'] * f['one_alone_s'] / f['concurrent_workers']:.1f}", f"{f['efficiency']:.2f}x"),
-        (f"curate, Ray Data vs 1 process, per image beyond the first {c['images']} (img/s)",
+        (f"curate {c['source_px']} px JPEGs to {c['resolution']} px, Ray Data vs 1 process (img/s)",
          f"{c['ray_data']['images_per_s']:.1f}", f"{c['one_process']['images_per_s']:.1f}", f"{c['speedup']:.2f}x"),
         ("  fixed cost of a curation pass (s)", f"{c['ray_data']['fixed_s']:.2f}",
          f"{c['one_process']['fixed_s']:.2f}", ""),
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
 
         start_ray()
         print("[bench] curation", flush=True)
-        results["curation"] = bench_curation(resolution=64)
+        results["curation"] = bench_curation(workdir, resolution=512)
         cpus = int(ray.cluster_resources()["CPU"])
         styles = sorted(s.name for s in load_styles(RunConfig(styles_dir=str(REPO / "styles"))))
         styles = styles[:max(2, min(len(styles), 2 * cpus))]  # two or more styles per worker: warm turns show

@@ -246,7 +246,8 @@ def header_html(results: pd.DataFrame, prompts: list[dict]) -> str:
         f"<li>Reference: {esc(distinct_text(models['n_reference']))} StyleRef images per style</li>",
         f"<li>{len(pd.unique(results['style']))} styles, methods: {esc(distinct_text(models['method']))}</li>",
         f"<li>Backbones: Inception <code>{esc(distinct_text(results['inception_backbone']))}</code>,"
-        f" CLIP <code>{esc(distinct_text(results['clip_backbone']))}</code></li>",
+        f" CLIP <code>{esc(distinct_text(results['clip_backbone']))}</code>,"
+        f" DINO <code>{esc(distinct_text(results['dino_backbone']))}</code></li>",
         "<li>CLIP-T: image-text cosine against the prompt without the style token;"
         " style similarity: CLIP image-image cosine to the StyleRef images</li>",
         "</ul>",

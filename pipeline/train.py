@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 import time
 import weakref
@@ -117,6 +118,24 @@ def encode_latent_cache(vae, pixels: torch.Tensor, views: list[tuple[str, ...]],
                 parts.append(torch.stack([dist.mean, dist.std], dim=1).float().cpu())
             cache.append(torch.cat(parts))
     return torch.stack(cache)
+
+
+def stored_latent_cache(job: TrainJob, vae, data: StyleData, views: list[tuple[str, ...]]) -> torch.Tensor:
+    """encode_latent_cache's result, stored beside the curated data once per (curated data, class images, base
+    model, views): the style's other methods, its later rounds and every rerun load it instead of encoding.
+    `<run>/curated/<style>.latents/<key>.safetensors`; written whole or not at all, so concurrent jobs at worst
+    both encode."""
+    key = sha256_of(job.data_key, Path(job.curated_path).stat().st_mtime_ns, job.prior_dirs,
+                    base_model_identity(job.base_model), views, code_version("train.py"))[:16]
+    path = Path(job.curated_path).with_suffix(".latents") / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["latents"]
+    cache = encode_latent_cache(vae, data.pixels, views)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"latents": cache.contiguous()}, tmp)
+    os.replace(tmp, path)
+    return cache
 
 
 def sample_latents(cache: torch.Tensor, rows: np.ndarray, views: np.ndarray, scaling: float,
@@ -336,7 +355,7 @@ def train_job(job: TrainJob, method: Method, base: Components, checkpoint, devic
     modules = method.trained_modules(cfg)
     for part in (models.vae, models.text_encoder, models.unet):
         part.to(device)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = stored_latent_cache(job, models.vae, data, method.image_views(cfg))
     apply_fast_paths(models, cfg)
     optimizer = build_optimizer(param_groups, cfg, device)
 

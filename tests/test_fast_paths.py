@@ -3,6 +3,7 @@ step-speed option of TrainConfig validates and trains on CPU."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from pipeline.config import ConfigError, TrainConfig, load_run_config
 from pipeline.methods import get_method
 from pipeline.models import load_components
 from pipeline.train import (FROZEN_PROMPT_EMBEDDINGS, VIEW_OPS, apply_fast_paths, build_optimizer, denoising_loss,
-                            encode_latent_cache, encode_prompts, optimisation_step, step_generator, training_step)
+                            TrainJob, encode_latent_cache, encode_prompts, optimisation_step, step_generator,
+                            stored_latent_cache, training_step)
 from tests.test_train import toy_data
 
 CPU = torch.device("cpu")
@@ -49,6 +51,24 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_model):
     text = fresh_text_embeddings(models, batch.prompts)
     uncached = denoising_loss(models, method, latents, text, batch.weights, cfg, generator)
     torch.testing.assert_close(cached["denoising"], uncached, rtol=1e-5, atol=1e-6)
+
+
+def test_latents_are_stored_beside_the_curated_data_and_encoded_once(tiny_model, tmp_path):
+    models = load_components(tiny_model)
+    data, views = toy_data(concepts=1), [(), ("hflip",)]
+    curated = tmp_path / "curated" / "ink.parquet"
+    curated.parent.mkdir()
+    curated.write_bytes(b"curated table")
+    job = TrainJob(style="ink", method="styleboost", key="k", base_model=tiny_model, curated_path=str(curated),
+                   model_dir="", log_path="", storage_path="", style_config={}, train={}, data_key="data-1")
+    first = stored_latent_cache(job, models.vae, data, views)
+    assert torch.equal(first, encode_latent_cache(models.vae, data.pixels, views))
+    [stored] = (tmp_path / "curated" / "ink.latents").iterdir()
+    assert torch.equal(stored_latent_cache(job, None, data, views), first)  # loaded: no VAE needed
+    with pytest.raises(AttributeError):  # other curated data (or other views) is encoded anew, not mixed up
+        stored_latent_cache(replace(job, data_key="data-2"), None, data, views)
+    with pytest.raises(AttributeError):
+        stored_latent_cache(job, None, data, [()])
 
 
 def test_a_frozen_text_encoder_encodes_each_distinct_prompt_once(tiny_model):

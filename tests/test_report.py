@@ -77,6 +77,7 @@ def make_run(
                 "style_sim": 0.50 + 0.2 * method_index - 0.05 * style_index,
                 "inception_backbone": "tiny-inception",
                 "clip_backbone": "tiny-clip",
+                "dino_backbone": "tiny-dino",
                 "backbones_real": backbones_real,
                 "samples_dir": samples_dir,
                 "model_dir": "" if is_base else f"models/{style}/{method}",
@@ -204,9 +205,11 @@ def test_leaderboard_highlights_best_per_style_and_survives_nan(tmp_path: Path) 
     assert water_base[3] == ("num", "n/a") and water_boost[3] == ("num", "n/a")
 
 
-def test_tiny_backbone_banner(tmp_path: Path) -> None:
+def test_tiny_backbone_banner_and_every_backbone_named(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"]}, backbones_real=False)
-    assert TOY_BACKBONE_WARNING in write_report(run_dir).read_text(encoding="utf-8")
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert TOY_BACKBONE_WARNING in html
+    assert all(f"<code>{name}</code>" in html for name in ("tiny-inception", "tiny-clip", "tiny-dino"))
 
 
 def test_style_with_only_base_row_renders(tmp_path: Path) -> None:
