@@ -521,10 +521,9 @@ def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[t
         if job.is_done():
             outcomes[(job.style, job.method)] = {"status": "reused", "model_dir": job.model_dir}
         job.error_path.unlink(missing_ok=True)  # a failure of an earlier run is tried again
-    waiting = [job for job in jobs if (job.style, job.method) not in outcomes]
-    slots = max_concurrent or trainings_that_fit(waiting)
     trainable = [job for job in jobs if job.load_method().trains]
-    queue = [[job] for job in waiting if not job.load_method().trains]
+    slots = max_concurrent or trainings_that_fit(jobs)  # from every job, as the groups: a rerun deals the same
+    queue = [[job] for job in jobs if job not in trainable and (job.style, job.method) not in outcomes]
     queue += [group for group in group_jobs(trainable, slots) if not all(job.is_done() for job in group)]
     pending = {}
     while queue or pending:
