@@ -148,7 +148,7 @@ class ToyClip(nn.Module):
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        embeds = self.encode_image(self.normalise(images))
+        embeds = self.encode_image(self.normalise(images.to(next(self.parameters()).device)))
         return {name: head(embeds).argmax(dim=1) for name, head in self.heads.items()}
 
     def text_encoder(self) -> CLIPTextModel:

@@ -6,6 +6,7 @@ intervals apart while the prompted content is still recognised.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.generate import TOY_PROMPTS, sample_name
 from pipeline.models import ASSETS_DIR, TINY_PRETRAINED, load_components, load_pipeline, resolve_base_model
 from tests.conftest import REPO, copy_example_styles
 
-STYLE = "cubism"
+STYLE = "watercolor"
 
 
 def test_the_model_and_backbone_load_from_the_repository_alone(monkeypatch):
@@ -38,23 +39,27 @@ def test_the_model_and_backbone_load_from_the_repository_alone(monkeypatch):
                        models.text_encoder.get_input_embeddings().weight)
     card = json.loads((folder / "training.json").read_text())
     assert (folder / "README.md").read_text().startswith("# tiny-pretrained")
-    assert card["prompt_following_held_out"]["color_accuracy"] > 2 * card["prompt_following_held_out"]["color_chance"]
+    assert card["config"] == dataclasses.asdict(pretrain.PretrainConfig())  # the defaults retrain the shipped model
+    follow = card["prompt_following_held_out"]
+    assert all(follow[f"{name}_accuracy"] > 3 * follow[f"{name}_chance"] for name in ("kind", "color", "background"))
 
 
 def test_the_base_model_draws_held_out_captions_the_backbone_reads_back():
-    """Fresh seeds, captions whose (kind, color, background) no training image had: color and background well
-    above chance. The object's kind is not learnt at the shipped training length (see the model card)."""
+    """Fresh seeds, captions whose (kind, color, background) no training image had: the object's kind, its color
+    and the background are read back well above chance."""
     pipe = load_pipeline(resolve_base_model(TINY_PRETRAINED, "/nonexistent-cache"))
     accuracy = pretrain.prompt_following(pipe, backbones.toy_clip_model(), n_images=32, steps=20, guidance=4.0,
                                          seed=12345)
+    assert accuracy["kind_accuracy"] >= 3 * accuracy["kind_chance"], accuracy
     assert accuracy["color_accuracy"] >= 5 * accuracy["color_chance"], accuracy
     assert accuracy["background_accuracy"] >= 5 * accuracy["background_chance"], accuracy
 
 
 def test_the_backbone_tells_the_looks_apart_and_reads_content_through_them():
-    accuracy = pretrain.heads_accuracy(backbones.toy_clip_model(), n_images=140, seed=3)
+    accuracy = pretrain.heads_accuracy(backbones.toy_clip_model(), *pretrain.held_out_heads_set(140, seed=3))
     assert accuracy["look_accuracy"] >= 0.9  # chance is 1/7
     assert accuracy["color_accuracy"] >= 0.8 and accuracy["background_accuracy"] >= 0.9  # chance 1/8 and 1/7
+    assert accuracy["kind_accuracy"] >= 0.5  # chance 1/6; the painterly looks blur the smaller shapes
 
 
 def test_pretraining_is_seeded_and_writes_loadable_folders(tmp_path):
@@ -73,6 +78,36 @@ def test_pretraining_is_seeded_and_writes_loadable_folders(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(toy.state_dict().values(), again.state_dict().values()))
 
 
+def test_stored_phases_are_reused_only_with_the_same_settings(tmp_path):
+    """CLIP and VAE trained apart (`--only`), then the UNet run finds both; a changed CLIP setting retrains CLIP."""
+    cfg = pretrain.PretrainConfig(plain_scenes=48, styled_scenes_per_look=4, clip_steps=2, clip_batch_size=8,
+                                  vae_steps=2, vae_batch_size=4, unet_steps=1, unet_batch_size=4, eval_images=2,
+                                  eval_steps=2)
+    work = tmp_path / "work"
+    assert pretrain.pretrain(cfg, tmp_path / "out", work, only="clip") == {}
+    assert pretrain.pretrain(cfg, tmp_path / "out", work, only="vae") == {}
+    assert not (tmp_path / "out").exists()
+    pretrain.pretrain(cfg, tmp_path / "out", work)
+    log = (work / "pretrain.log").read_text()
+    assert log.count("clip: loaded") == 1 and log.count("vae: loaded") == 1 and log.count("clip step 0:") == 1
+    stored = load_components(str(tmp_path / "out" / "tiny-pretrained")).text_encoder
+    assert torch.equal(stored.get_input_embeddings().weight,
+                       backbones.ToyClip.load(work / "clip", work / "clip" / "text_encoder")
+                       .clip.text_model.embeddings.token_embedding.weight)
+
+    pretrain.pretrain(pretrain.PretrainConfig(**{**vars(cfg), "clip_steps": 3}), tmp_path / "out", work, only="clip")
+    log = (work / "pretrain.log").read_text()
+    assert log.count("clip step 0:") == 2 and "clip step 2:" in log
+
+
+def test_rendering_does_not_depend_on_the_number_of_processes(monkeypatch):
+    scenes = pretrain.training_scenes(2 * pretrain.RENDER_CHUNK + 7, first_seed=3)
+    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 1)
+    alone = pretrain.render(scenes, "watercolor", seed=4)
+    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 3)
+    assert np.array_equal(alone, pretrain.render(scenes, "watercolor", seed=4))
+
+
 def test_held_out_captions_never_reach_training():
     plain, mixed = pretrain.build_data(pretrain.PretrainConfig(plain_scenes=400, styled_scenes_per_look=20))
     assert not any(pretrain.is_held_out(scene) for scene in mixed.scenes)
@@ -83,17 +118,18 @@ def test_held_out_captions_never_reach_training():
 # ----------------------------------------------------------------------------- learning a style, end to end
 
 
-SINGLE_OBJECT_PROMPTS = [p for p in TOY_PROMPTS if not any(r in p for r in toyworld.RELATIONS)][:8]
+SINGLE_OBJECT_PROMPTS = {i: p for i, p in enumerate(TOY_PROMPTS) if not any(r in p for r in toyworld.RELATIONS)}
 
 
 @pytest.fixture(scope="module")
 def style_run(ray_session, tmp_path_factory):
+    """The default demo's protocol on one style: 100 StyleBoost steps at lr 1e-4, the 24 toy prompts x 2 seeds."""
     root = tmp_path_factory.mktemp("learning")
     copy_example_styles(root / "styles", [STYLE])
     config = {
         "name": "learning", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
-        "baselines": [], "train": {"max_steps": 200, "learning_rate": 2e-4},
-        "evaluate": {"prompts": SINGLE_OBJECT_PROMPTS, "seeds": [0, 1, 2], "num_inference_steps": 20},
+        "baselines": [], "train": {"max_steps": 100, "learning_rate": 1e-4},
+        "evaluate": {"seeds": [0, 1], "num_inference_steps": 20},
     }
     config_path = root / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -102,25 +138,27 @@ def style_run(ray_session, tmp_path_factory):
 
 
 def test_fine_tuning_moves_kid_towards_the_style(style_run):
-    """200 StyleBoost steps on cubism: KID to the StyleRef images falls by a third (measured 41 -> 25, x1e3) and the
-    tuned model's whole 95% interval lies below the base model's estimate. (The two intervals still touch at
-    this length: measured [29, 60] and [17, 37].)"""
+    """KID to the StyleRef images falls with the 95% bootstrap intervals apart (measured 58 [50, 67] -> 26 [12, 41])
+    and style similarity rises."""
     results = pd.read_parquet(style_run / "results.parquet").set_index("method")
     base, tuned = results.loc["base"], results.loc["styleboost"]
-    assert tuned.kid < 0.8 * base.kid and tuned.kid_ci_high < base.kid, results[["kid", "kid_ci_low", "kid_ci_high"]]
+    assert tuned.kid_ci_high < base.kid_ci_low, results[["kid", "kid_ci_low", "kid_ci_high"]]
     assert tuned.style_sim > base.style_sim
 
 
 def test_the_tuned_model_still_draws_the_prompted_content(style_run):
-    """Single-object prompts: the backbone reads the prompted color from the styled samples."""
+    """Single-object prompts: the backbone reads the prompted kind and color back from the styled samples (measured
+    0.83 and 0.83; chance 1/6 and 1/8)."""
     samples = style_run / "samples" / STYLE / "styleboost"
     seeds = json.loads((samples / "samples.json").read_text())["seeds"]
     toy = backbones.toy_clip_model()
-    hits = []
-    for index, content in enumerate(SINGLE_OBJECT_PROMPTS):
-        color = content.split()[2]  # "a <size> <color> <kind> ..."
+    hits: dict[str, list[bool]] = {"kind": [], "color": []}
+    for index, content in SINGLE_OBJECT_PROMPTS.items():
+        _, _, color, kind, *_ = content.split()  # "a <size> <color> <kind> ..."
         for seed in seeds:
             image = np.asarray(Image.open(samples / sample_name(index, seed)).convert("RGB"))
-            predicted = toy.classify(torch.from_numpy(image[None]))["color"].item()
-            hits.append(backbones.ATTRIBUTES["color"][predicted] == color)
-    assert np.mean(hits) >= 3 / len(toyworld.COLORS), hits  # measured 0.46
+            predicted = toy.classify(torch.from_numpy(image[None].copy()))
+            hits["kind"].append(backbones.ATTRIBUTES["kind"][predicted["kind"].item()] == kind)
+            hits["color"].append(backbones.ATTRIBUTES["color"][predicted["color"].item()] == color)
+    assert np.mean(hits["kind"]) >= 3 / len(toyworld.KINDS), hits
+    assert np.mean(hits["color"]) >= 3 / len(toyworld.COLORS), hits
