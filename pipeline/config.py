@@ -78,6 +78,8 @@ class TrainConfig(Strict):
     channels_last: bool = False  # NHWC UNet convolutions; try true on GPU with bf16
     compile: bool = False  # torch.compile the UNet: faster steps after a compile of minutes; for long GPU runs
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per method: its Options schema
+    # per method: overrides of this section's own fields, applied last, e.g. {dreambooth: {learning_rate: 5.0e-6}}
+    per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("method_options")
     @classmethod
@@ -88,6 +90,16 @@ class TrainConfig(Strict):
             _known_method(name)
             METHODS[name].Options.model_validate(values)  # unknown keys and bad values fail here
         return options
+
+    @field_validator("per_method")
+    @classmethod
+    def _per_method_valid(cls, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, values in overrides.items():
+            _known_method(name)
+            if nested := sorted({"method_options", "per_method"} & set(values)):
+                raise ValueError(f"{name}: {', '.join(nested)} cannot be set per method")
+            TrainConfig.model_validate(values)  # unknown keys and bad values fail here
+        return overrides
 
 
 class EvaluateConfig(Strict):
@@ -246,8 +258,13 @@ class Style(BaseModel):
     def concept_dir(self, concept: Concept, role: Literal["ref", "aux", "heldout"]) -> Path:
         return self.dir / getattr(concept, role)
 
-    def train_config(self, run: RunConfig) -> TrainConfig:
-        return TrainConfig.model_validate({**run.train.model_dump(), **self.config.train})
+    def train_config(self, run: RunConfig, method: str) -> TrainConfig:
+        """The run's `train`, then this style's overrides, then `per_method[method]`. Only the method's own
+        options are kept, so a job's key changes with its own settings alone."""
+        merged = {**run.train.model_dump(), **self.config.train}
+        options, per_method = merged.pop("method_options"), merged.pop("per_method")
+        own_options = {method: options[method]} if method in options else {}
+        return TrainConfig.model_validate({**merged, **per_method.get(method, {}), "method_options": own_options})
 
     def methods(self, run: RunConfig) -> list[str]:
         chosen = list(run.methods) if run.methods else [self.config.method]

@@ -34,9 +34,8 @@ def plan_class_images(run: Run) -> dict[Path, ClassImages]:
     """Every set the live styles' methods ask for, by folder (styles asking for the same set share it)."""
     wanted = {}
     for style in run.live_styles():
-        cfg = style.train_config(run.config)
         for method in style.methods(run.config):
-            for request in get_method(method).class_images(style.config, cfg):
+            for request in get_method(method).class_images(style.config, style.train_config(run.config, method)):
                 wanted[class_image_dir(run, request)] = request
     return wanted
 

@@ -484,8 +484,8 @@ def plan_training(run: Run) -> list[TrainJob]:
         curated = run.curated(style.name)
         marker = curated.with_suffix(".json")
         data_key = json.loads(marker.read_text())["key"] if marker.is_file() else "missing"
-        cfg = style.train_config(run.config)
         for method in style.methods(run.config):
+            cfg = style.train_config(run.config, method)
             prior_dirs = [str(class_image_dir(run, r)) for r in get_method(method).class_images(style.config, cfg)]
             jobs.append(TrainJob(
                 style=style.name, method=method, base_model=base, curated_path=str(curated),

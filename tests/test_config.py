@@ -32,6 +32,10 @@ def test_example_styles_and_configs_are_valid():
     ("methods: [dreambooth2]", "methods: Value error, unknown method 'dreambooth2'"),
     ("baselines: [styleboost]", "baselines: Value error, 'styleboost' trains; baselines are zero-shot methods"),
     ("train: {method_options: {styleboost: {rank: 4}}}", "rank"),
+    ("train: {per_method: {dreambooth: {learning_rate: -1}}}", "learning_rate"),
+    ("train: {per_method: {dreambooth: {max_stpes: 10}}}", "max_stpes"),
+    ("train: {per_method: {dreambooth2: {max_steps: 10}}}", "unknown method 'dreambooth2'"),
+    ("train: {per_method: {textboost: {per_method: {}}}}", "textboost: per_method cannot be set per method"),
     ("- just\n- a list", "expected a mapping"),
     ("model: {base: /does/not/exist}", "model.base: local diffusers folder /does/not/exist does not exist"),
 ])
@@ -83,5 +87,20 @@ def test_unsafe_style_folder_name_and_token_collisions(tmp_path):
 
 def test_style_train_overrides_merge_over_the_run(tmp_path):
     style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7}))
-    merged = style.train_config(RunConfig(train=TrainConfig(batch_size=3)))
+    merged = style.train_config(RunConfig(train=TrainConfig(batch_size=3)), "styleboost")
     assert (merged.max_steps, merged.batch_size) == (7, 3)
+
+
+def test_per_method_overrides_apply_last_and_only_to_their_method(tmp_path):
+    style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7, "learning_rate": 2e-4}))
+    run = RunConfig(train=TrainConfig(
+        batch_size=3, per_method={"dreambooth": {"learning_rate": 5e-5, "batch_size": 1}},
+        method_options={"dreambooth": {"num_class_images": 4}, "styledrop": {"rank": 2}}))
+    dreambooth, styleboost = style.train_config(run, "dreambooth"), style.train_config(run, "styleboost")
+    assert (dreambooth.learning_rate, dreambooth.batch_size, dreambooth.max_steps) == (5e-5, 1, 7)
+    assert (styleboost.learning_rate, styleboost.batch_size, styleboost.max_steps) == (2e-4, 3, 7)
+    assert dreambooth.method_options == {"dreambooth": {"num_class_images": 4}} and styleboost.method_options == {}
+    assert dreambooth.per_method == {} == styleboost.per_method
+    # another method's settings leave a job's settings, and so its key, as they were
+    other = RunConfig(train=TrainConfig(batch_size=3, per_method={"dreambooth": {"learning_rate": 1e-6}}))
+    assert style.train_config(other, "styleboost") == styleboost
