@@ -469,6 +469,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, work_dir: Path, only: str | Non
     write_model_card(card, pipeline_dir)
     return card
 
+
 def write_model_card(card: dict, folder: Path) -> None:
     """README.md beside the weights: data, steps, and the quality figures, from `training.json`."""
     cfg, follow, heads = card["config"], card["prompt_following_held_out"], card["backbone_heads_held_out"]
