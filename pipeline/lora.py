@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -45,8 +45,9 @@ def kohya_state_dict(name: str, module: torch.nn.Module) -> dict[str, torch.Tens
 def save_lora(out_dir: Path, **modules: torch.nn.Module) -> None:
     """Write the LoRA of each of `unet=`, `text_encoder=` in diffusers format (`pipe.load_lora_weights`) and as a
     kohya-named copy that A1111 and ComfyUI load."""
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(lora_weights(module))
-              for name, module in modules.items()}
+    # peft's own key names: convert_state_dict_to_diffusers renames attention layers only, and diffusers' loader,
+    # finding peft names among the rest (an MLP adapter), would silently drop the renamed ones
+    layers = {f"{name}_lora_layers": lora_weights(module) for name, module in modules.items()}
     metadata = {f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict()
                 for name, module in modules.items()}
     StableDiffusionPipeline.save_lora_weights(out_dir, weight_name=DIFFUSERS_FILE, **layers, **metadata)

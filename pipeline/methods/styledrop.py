@@ -1,14 +1,18 @@
 """StyleDrop (Sohn et al., arXiv 2306.00983) on a diffusion UNet: a small adapter, descriptive prompts, CLIP feedback.
 
-Muse's adapters become a peft LoRA on the UNet's attention projections (rank 2 on to_q, to_k, to_v, to_out.0:
-17,920 weights = 0.66% of the tiny UNet; 398,592 = 0.046% of SD1.5's), everything else frozen. Prompts describe
-the style in words, "<content> in <descriptor> style", rather than binding it to a rare token.
+Muse's adapters sit after the attention and after the MLP of every transformer layer; on the UNet they become a
+peft LoRA (rank 4) on every transformer block's attention projections (to_q, to_k, to_v, to_out.0), its MLP
+(ff.net.0.proj, ff.net.2) and its projections in and out: 1.70 M weights = 0.20% of SD1.5's UNet (the PyTorch port's
+adapters: 2.06 M), 77,312 = 2.8% of the tiny one; everything else frozen. Attention alone (rank 2) barely moved the
+tiny model in 100 steps (README, "Every method"). Prompts describe the style in words, "<content> in <descriptor>
+style", rather than binding it to a rare token.
 
 Two rounds, the paper's CLIP-feedback rule (the PyTorch port has no round 2):
 1. train on the StyleRef images; the adapter is exported beside the model, in `<model>-round1/`;
-2. the round-1 model draws K candidates for each feedback prompt, CLIP keeps the one closest to its content
-   prompt, and a fresh adapter is trained on just those images (`<model>-round1/feedback/`: the candidates,
-   `scores.json` and `curated.parquet`, in curate.py's schema). Round 2 is the model that is evaluated.
+2. the round-1 model draws K candidates for each feedback prompt, CLIP keeps the one closest to its whole prompt
+   (content and descriptor, as the paper scores them), and a fresh adapter is trained on just those images
+   (`<model>-round1/feedback/`: the candidates, `scores.json` and `curated.parquet`, in curate.py's schema).
+   Round 2 is the model that is evaluated.
 """
 from __future__ import annotations
 
@@ -40,9 +44,10 @@ PROMPT = "{content} in {descriptor} style"
 
 class StyleDropOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rank: int = Field(2, ge=1)
-    alpha: float = Field(2.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                                               "ff.net.2", "proj_in", "proj_out"])
     feedback: bool = True  # False: round 1 only
     feedback_prompts: list[str] | None = None  # content prompts; None: the StyleRef captions
     feedback_candidates: int = Field(4, ge=1)  # images per prompt from the round-1 model (the paper: 64)
@@ -104,7 +109,7 @@ class StyleDrop(Method):
         if not candidates.is_done():
             generate_images(candidates, "cuda" if torch.cuda.is_available() else "cpu")
         clip = load_clip(opts.clip)
-        texts = clip.embed_texts(contents)  # CLIP judges the content; round 1 already carries the style
+        texts = clip.embed_texts(candidates.prompts)  # the whole prompt: the content and the style's words
         rows, scores = [], []
         for index, content in enumerate(contents):
             paths = [Path(candidates.out_dir) / sample_name(index, seed) for seed in candidates.seeds]
