@@ -402,13 +402,14 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     rank = ray.train.get_context().get_world_rank()
     base = load_components(jobs[0].base_model)  # every job of a group shares its base model
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # the interrupted job's, if any: the first one this group trains
     for job in jobs:
         method = job.load_method()
         try:
             for round_job in method.rounds(job):  # a round is exported before the method plans the next one
                 if not round_job.is_done():
                     train_job(round_job, method, base, checkpoint, device)
+                    checkpoint = None  # its own reports replaced it, and checkpoint retention may have deleted it
                     if torch.distributed.is_initialized():
                         torch.distributed.barrier()  # the next round reads what rank 0 exported
         except Exception as err:  # noqa: BLE001 - the job's own failure; the group's other jobs go on

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,3 +95,18 @@ def test_a_style_trained_after_another_equals_the_style_trained_alone(warm_and_a
     assert Path(beta.log_path).read_text() == Path(beta_alone.log_path).read_text()
     alpha_unet = load_file(Path(alpha.model_dir) / unet)
     assert any(not (alpha_unet[name] == by_itself[name]).all() for name in by_itself)  # each learnt its own style
+
+
+def test_a_group_retrains_several_invalidated_jobs_after_its_checkpoints_moved_on(warm_and_alone):
+    """Rerun a finished group whose jobs all need training again (their models were deleted): the restored
+    checkpoint is beta's, alpha's reports make checkpoint retention delete it, and beta must not reach for it."""
+    run, alpha, beta, _, _, _ = warm_and_alone
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    before = {j.style: load_file(Path(j.model_dir) / unet) for j in (alpha, beta)}
+    for trained in (alpha, beta):
+        shutil.rmtree(trained.model_dir)
+    again = train_all([alpha, beta], max_concurrent=1)
+    assert [again[(j.style, "styleboost")]["status"] for j in (alpha, beta)] == ["trained", "trained"], again
+    for trained in (alpha, beta):  # trained from the base again, not resumed from a stale checkpoint
+        after = load_file(Path(trained.model_dir) / unet)
+        assert all((after[name] == before[trained.style][name]).all() for name in after)
