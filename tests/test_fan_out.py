@@ -100,7 +100,7 @@ def test_a_style_trained_after_another_equals_the_style_trained_alone(warm_and_a
 def test_a_group_retrains_several_invalidated_jobs_after_its_checkpoints_moved_on(warm_and_alone):
     """Rerun a finished group whose jobs all need training again (their models were deleted): the restored
     checkpoint is beta's, alpha's reports make checkpoint retention delete it, and beta must not reach for it."""
-    run, alpha, beta, _, _, _ = warm_and_alone
+    _, alpha, beta, _, _, _ = warm_and_alone
     unet = "unet/diffusion_pytorch_model.safetensors"
     before = {j.style: load_file(Path(j.model_dir) / unet) for j in (alpha, beta)}
     for trained in (alpha, beta):
