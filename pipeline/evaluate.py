@@ -7,8 +7,10 @@ each generated set, one set per seed, as StyleAligned reports it). The backbones
 weights or the toy backbone, are written into every row.
 
 Uncertainty: one seeded bootstrap over each model's images gives kid_std and 95% intervals of KID,
-CLIP-T and style similarity. A `noise-floor` row per style scores half the StyleRef images against the
-other half. Every image is embedded once per backbone; the features go to features.parquet.
+CLIP-T and style similarity. Every model is sampled on the base's prompts' contents and seeds, so the same
+resamples, drawn over (prompt, seed) pairs, also give a paired interval of the KID change against the
+untuned base: the content each pair draws cancels out of it. A `noise-floor` row per style scores half
+the StyleRef images against the other half. Every image is embedded once per backbone; the features go to features.parquet.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ RESULTS_SCHEMA = pa.schema([
     ("n_images", pa.int32()), ("n_reference", pa.int32()), ("seeds", pa.list_(pa.int64())),
     ("fid", pa.float64()), ("kid", pa.float64()), ("kid_std", pa.float64()),
     ("kid_ci_low", pa.float64()), ("kid_ci_high", pa.float64()),
+    ("kid_vs_base", pa.float64()), ("kid_vs_base_ci_low", pa.float64()), ("kid_vs_base_ci_high", pa.float64()),
     ("clip_t", pa.float64()), ("clip_t_ci_low", pa.float64()), ("clip_t_ci_high", pa.float64()),
     ("style_sim", pa.float64()), ("style_sim_ci_low", pa.float64()), ("style_sim_ci_high", pa.float64()),
     ("style_consistency", pa.float64()), ("style_consistency_ci_low", pa.float64()),
@@ -58,6 +61,7 @@ FEATURES_SCHEMA = pa.schema([
     ("feature", pa.list_(pa.float32())),
 ])
 NOISE_FLOOR = "noise-floor"  # the method name of the split-half StyleRef row
+BASE = "base"  # the method name of the untuned base model's rows
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip_torch", "pyarrow", "scipy")
 
 
@@ -80,7 +84,7 @@ def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJo
     protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.config.model.resolution]
     jobs = []
     for style in run.live_styles():
-        models = {"base": ("", [base_prompt(c, style.config.descriptor) for c in contents], base_model_identity(base))}
+        models = {BASE: ("", [base_prompt(c, style.config.descriptor) for c in contents], base_model_identity(base))}
         for (name, method), model_dir in trained.items():
             if name == style.name:
                 card = json.loads((Path(model_dir) / "model_card.json").read_text())
@@ -148,6 +152,22 @@ def image_scores(feats: np.ndarray, gen_clip: np.ndarray, gen_dino: np.ndarray, 
     return scores
 
 
+def kid_change_scores(feats: np.ndarray, base_feats: np.ndarray, ref_feats: np.ndarray, seed: int) -> dict:
+    """KID of a model minus the base's, with a paired 95% bootstrap interval.
+
+    Row i of both sets is the same (prompt, seed) pair, so one set of resampled rows serves both KIDs:
+    the interval holds the change alone, not the spread of the content drawn.
+    """
+    if len(feats) != len(base_feats):
+        raise ValueError(f"paired KID change needs the base's {len(base_feats)} images, got {len(feats)}")
+    resamples = metrics.bootstrap_indices(len(feats), seed)
+    changes = (metrics.kid_bootstrap(feats, ref_feats, resamples)
+               - metrics.kid_bootstrap(base_feats, ref_feats, resamples))
+    low, high = metrics.percentile_interval(changes)
+    return {"kid_vs_base": metrics.kid(feats, ref_feats, seed=seed) - metrics.kid(base_feats, ref_feats, seed=seed),
+            "kid_vs_base_ci_low": low, "kid_vs_base_ci_high": high}
+
+
 def heldout_scores(feats: np.ndarray, gen_clip: np.ndarray, heldout_feats: np.ndarray | None,
                    heldout_clip: np.ndarray | None, seed: int) -> dict:
     """KID and style similarity against the held-out StyleRef images (never trained on); NaN without them."""
@@ -178,6 +198,9 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
                   run_dir: Path) -> tuple[list[dict], list[dict]]:
     """Embed every image once per backbone and score each (style, model) entry, plus a noise floor per style.
 
+    A style's base entry comes before its models (as `plan_samples` orders them): their KID change against
+    it is scored when they share its (prompt, seed) pairs, else left NaN.
+
     Returns the score rows and the per-image feature rows (the content of features.parquet).
     """
     backbone_names = {"inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
@@ -186,6 +209,7 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
                       "backbone_sha256": json.dumps({b.info.name: b.info.sha256 for b in (inception, clip, dino)})}
     references: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     heldout: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    base_images: dict[str, tuple[list, np.ndarray]] = {}  # style -> its base's (prompt, seed) pairs, features
     rows, features = [], []
 
     def embed(style: str, method: str, paths: list[str], prompt_indices: list, seeds: list):
@@ -216,8 +240,15 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
                                               entry["seeds"])
             text_emb = clip.embed_texts(entry["texts"])
             scores = image_scores(feats, gen_clip, gen_dino, entry["seeds"], text_emb, ref_feats, ref_clip, seed)
+            pairs = list(zip(entry["prompt_indices"], entry["seeds"]))
+            if method == BASE:
+                base_images[style] = (pairs, feats)
+            change = dict.fromkeys(("kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high"), float("nan"))
+            if method != BASE and style in base_images and base_images[style][0] == pairs:
+                change = kid_change_scores(feats, base_images[style][1], ref_feats, seed)
             rows.append({"style": style, "method": method, "n_images": len(feats), "n_reference": len(ref_feats),
-                         **scores, **heldout_scores(feats, gen_clip, *heldout[style][:2], seed), **backbone_names})
+                         **scores, **change, **heldout_scores(feats, gen_clip, *heldout[style][:2], seed),
+                         **backbone_names})
         except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
             rows.append({"style": style, "method": method, "error": f"{type(err).__name__}: {err}"})
     return rows, features
@@ -259,7 +290,7 @@ def record_metrics_in_card(model_dir: Path, row: dict) -> None:
     card = json.loads(card_path.read_text())
     card["metrics"] = {k: row[k] for k in (
         "run_id", "n_images", "n_reference", "fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high",
-        "clip_t", "clip_t_ci_low", "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high",
+        "kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high", "clip_t", "clip_t_ci_low", "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high",
         "style_consistency", "style_consistency_ci_low", "style_consistency_ci_high",
         "inception_backbone", "clip_backbone", "dino_backbone", "backbones_real")}
     write_json_atomic(card_path, card)
@@ -319,7 +350,7 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
             continue
         rows.append({
             **score, **run_fields, "display_name": style.config.display_name,
-            "tokens": "" if job.method == "base" else " ".join(style.config.tokens),
+            "tokens": "" if job.method == BASE else " ".join(style.config.tokens),
             "prompt": job.prompts[0], "seeds": list(job.seeds),
             "samples_dir": str(Path(job.out_dir).relative_to(run.dir)),
             "model_dir": str(Path(job.model_dir).relative_to(run.dir)) if job.model_dir else "",

@@ -70,6 +70,8 @@ table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.metrics td.best { background: #d4f4dc; font-weight: bold; }
 table.metrics tr.first-of-style td { border-top: 2px solid #999; }
 table.metrics tr.noise-floor td { color: #666; font-style: italic; }
+table.metrics td.learned { background: #d4f4dc; }
+table.metrics td.worse { background: #f8d7da; }
 .plots { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
 .refs { display: flex; flex-wrap: wrap; gap: 4px; }
@@ -117,6 +119,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"95% bootstrap interval. The <code>{NOISE_FLOOR}</code> row scores one half of the StyleRef images "
         "against the other: what “as good as the references themselves” looks like.</p>",
         metrics_table(results, style_anchors=anchors, table_id="leaderboard"),
+        learning_section(results),
         "<h2>Plots</h2>",
         '<div class="plots">' + "".join(plot_tags) + "</div>",
         "<h2>Styles</h2>",
@@ -290,6 +293,52 @@ def metrics_table(rows: pd.DataFrame, style_anchors: dict[str, str] | None = Non
     id_attr = f' id="{esc(table_id)}"' if table_id else ""
     return (
         f'<table class="metrics"{id_attr}>'
+        "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>"
+        "<tbody>" + "".join(body) + "</tbody></table>"
+    )
+
+
+def learning_section(results: pd.DataFrame) -> str:
+    """Did tuning learn the style? Per method and style, the KID change against the untuned base.
+
+    A cell is green when the paired 95% interval of the change lies below 0 (red: above 0), and starred
+    when the model's own KID interval also lies wholly below the base's, the stricter test. Empty for
+    results written before the change was scored.
+    """
+    if "kid_vs_base" not in results.columns:
+        return ""
+    models = results[~results["method"].isin([BASE_METHOD, NOISE_FLOOR])]
+    bases = results[results["method"] == BASE_METHOD].set_index("style")
+    if models.empty or bases.empty:
+        return ""
+    styles, methods = list(pd.unique(models["style"])), list(pd.unique(models["method"]))
+    body = []
+    for method in methods:
+        cells, learned, apart, scored = [f"<td>{esc(method)}</td>"], 0, 0, 0
+        for style in styles:
+            row = models[(models["method"] == method) & (models["style"] == style)]
+            change = row.iloc[0] if len(row) else None
+            if change is None or not is_finite(change["kid_vs_base"]) or style not in bases.index:
+                cells.append('<td class="num">n/a</td>')
+                continue
+            scored += 1
+            low, high = float(change["kid_vs_base_ci_low"]), float(change["kid_vs_base_ci_high"])
+            is_apart = is_finite(change["kid_ci_high"]) and float(change["kid_ci_high"]) < float(
+                bases.loc[style, "kid_ci_low"])
+            learned, apart = learned + (high < 0), apart + is_apart
+            css_class = "num learned" if high < 0 else "num worse" if low > 0 else "num"
+            cells.append(f'<td class="{css_class}">{float(change["kid_vs_base"]) * 1000:+.1f}{"*" if is_apart else ""}'
+                         f" [{low * 1000:+.1f}, {high * 1000:+.1f}]</td>")
+        cells.append(f'<td class="num">{learned} of {scored} ({apart}*)</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    headers = ["Method"] + styles + ["KID falls"]
+    return (
+        "<h2>Did tuning learn the style?</h2>"
+        '<p class="muted">KID ×10³ of each model minus the untuned base’s, on the same prompts and seeds, with the '
+        "95% paired bootstrap interval (one resampling of the (prompt, seed) pairs for both models). Green: the "
+        "whole interval is below 0, KID fell; red: it rose. *: the model’s own KID interval also lies wholly below "
+        "the base’s. Check CLIP-T in the leaderboard: a fall bought by losing the prompted content is no win.</p>"
+        '<table class="metrics" id="learning">'
         "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>"
         "<tbody>" + "".join(body) + "</tbody></table>"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from html.parser import HTMLParser
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -80,6 +81,10 @@ def test_results_table_has_a_row_per_style_and_model(finished_run):
                    "kid_heldout", "kid_heldout_ci_low", "kid_heldout_ci_high", "style_sim_heldout"):
         assert results[column].notna().all(), column
     assert (results.n_heldout >= 4).all()  # the example styles hold out StyleRef images
+    tuned, base = results[results.method != "base"], results[results.method == "base"].set_index("style")
+    assert base.kid_vs_base.isna().all() and tuned.kid_vs_base.notna().all()
+    assert np.allclose(tuned.kid_vs_base, tuned.kid.to_numpy() - base.loc[tuned["style"], "kid"].to_numpy())
+    assert (tuned.kid_vs_base_ci_low <= tuned.kid_vs_base_ci_high).all()
     features = pd.read_parquet(run_dir / "features.parquet")
     per_style = results.groupby("style")[["n_reference", "n_heldout"]].first().to_numpy().sum()
     assert len(features) == 2 * (results.n_images.sum() + per_style)  # toy image embedding (Inception, DINO) + CLIP

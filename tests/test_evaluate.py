@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline import backbones, metrics
-from pipeline.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, score_entries
+from pipeline.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, kid_change_scores, score_entries
 
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 SEEDS = [0, 1]
@@ -92,6 +92,32 @@ def test_kid_spread_and_intervals_hold_their_point_estimates(scored):
             assert row[f"{name}_ci_low"] <= row[name] <= row[f"{name}_ci_high"], (method, name)
             assert row[f"{name}_ci_low"] < row[f"{name}_ci_high"], (method, name)
     assert rows["styleboost"]["kid"] > rows["base"]["kid"]  # brighter images lie further from the references
+
+
+def test_kid_change_against_the_base_is_paired_on_prompt_and_seed(scored):
+    rows, _ = scored
+    tuned, base = rows["styleboost"], rows["base"]
+    assert tuned["kid_vs_base"] == pytest.approx(tuned["kid"] - base["kid"], rel=1e-12)
+    assert 0 < tuned["kid_vs_base_ci_low"] <= tuned["kid_vs_base"] <= tuned["kid_vs_base_ci_high"]
+    assert math.isnan(base["kid_vs_base"]) and "kid_vs_base" not in rows[NOISE_FLOOR]
+
+
+def test_paired_interval_finds_a_shift_that_separate_intervals_miss():
+    """Both models draw the same varied content per (prompt, seed); the tuned one is shifted towards the
+    references. Each KID interval holds the content's spread and they overlap; the paired one excludes 0."""
+    rng = np.random.default_rng(0)
+    ref_feats = rng.normal(size=(20, 16)) + 1.0
+    content = 2.0 * rng.normal(size=(40, 16))
+    base, tuned = content, content + 0.3
+
+    def interval(feats):
+        return metrics.percentile_interval(metrics.kid_bootstrap(feats, ref_feats, metrics.bootstrap_indices(40, 0)))
+
+    assert interval(tuned)[1] > interval(base)[0]
+    change = kid_change_scores(tuned, base, ref_feats, seed=0)
+    assert change["kid_vs_base_ci_low"] <= change["kid_vs_base"] <= change["kid_vs_base_ci_high"] < 0
+    with pytest.raises(ValueError, match="needs the base's 40 images, got 39"):
+        kid_change_scores(tuned[:39], base, ref_feats, seed=0)
 
 
 def test_intervals_are_reproducible_under_the_seed():

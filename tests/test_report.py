@@ -100,20 +100,27 @@ def make_run(
 
 
 class ReportParser(HTMLParser):
-    """Collects image sources, start tags, visible text and the leaderboard's body rows."""
+    """Collects image sources, start tags, visible text and the body rows of every table with an id."""
 
     def __init__(self) -> None:
         super().__init__()
         self.img_srcs: list[str] = []
         self.tags: list[str] = []
         self.text: list[str] = []
-        self.leaderboard_rows: list[list[tuple[str, str]]] = []  # per row: (class, text) per cell
+        self.table_rows: dict[str, list[list[tuple[str, str]]]] = {}  # table id -> per row: (class, text) per cell
         self.table_ids: list[str | None] = []
         self.in_tbody = False
         self.cell_class: str | None = None
 
-    def in_leaderboard_body(self) -> bool:
-        return self.in_tbody and self.table_ids[-1:] == ["leaderboard"]
+    @property
+    def leaderboard_rows(self) -> list[list[tuple[str, str]]]:
+        return self.table_rows.get("leaderboard", [])
+
+    def current_rows(self) -> list[list[tuple[str, str]]] | None:
+        """The rows of the table whose body we are in, when it has an id."""
+        if not (self.in_tbody and self.table_ids and self.table_ids[-1]):
+            return None
+        return self.table_rows.setdefault(self.table_ids[-1], [])
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
@@ -124,11 +131,11 @@ class ReportParser(HTMLParser):
             self.table_ids.append(attributes.get("id"))
         elif tag == "tbody":
             self.in_tbody = True
-        elif tag == "tr" and self.in_leaderboard_body():
-            self.leaderboard_rows.append([])
-        elif tag == "td" and self.in_leaderboard_body():
+        elif tag == "tr" and self.current_rows() is not None:
+            self.current_rows().append([])
+        elif tag == "td" and self.current_rows() is not None:
             self.cell_class = attributes.get("class") or ""
-            self.leaderboard_rows[-1].append((self.cell_class, ""))
+            self.current_rows()[-1].append((self.cell_class, ""))
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "table":
@@ -140,9 +147,10 @@ class ReportParser(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
-        if self.cell_class is not None and self.in_leaderboard_body():
-            css_class, text = self.leaderboard_rows[-1][-1]
-            self.leaderboard_rows[-1][-1] = (css_class, text + data)
+        rows = self.current_rows()
+        if self.cell_class is not None and rows is not None:
+            css_class, text = rows[-1][-1]
+            rows[-1][-1] = (css_class, text + data)
 
 
 def parse(report: Path) -> ReportParser:
@@ -249,3 +257,38 @@ def test_noise_floor_row_comes_last_unhighlighted_and_without_a_grid(tmp_path: P
     html_text = report.read_text(encoding="utf-8")
     assert 'title="95% CI [25.00, 36.00]"' in html_text
     assert "<h3>noise-floor</h3>" not in html_text and "images per model</li>" in html_text
+
+
+def test_learning_table_marks_where_kid_fell_against_the_base(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost", "dreambooth"],
+                                           "watercolor": ["base", "styleboost", "dreambooth"]})
+    results = pq.read_table(run_dir / "results.parquet").to_pandas()
+    changes = {  # (style, method) -> KID change and its paired interval; the base's own KID interval
+        ("pixel-art", "styleboost"): (-0.02, -0.025, -0.015), ("watercolor", "styleboost"): (-0.02, -0.03, -0.01),
+        ("pixel-art", "dreambooth"): (0.01, 0.005, 0.015), ("watercolor", "dreambooth"): (-0.001, -0.004, 0.002),
+    }
+    for (style, method), values in changes.items():
+        at = (results["style"] == style) & (results["method"] == method)
+        results.loc[at, ["kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high"]] = values
+    # pixel-art's base interval lies above styleboost's [0.025, 0.036]: the stricter test passes there only.
+    pixel_art = results["style"] == "pixel-art"
+    results.loc[pixel_art & (results["method"] == "base"), ["kid_ci_low", "kid_ci_high"]] = (0.04, 0.06)
+    results.loc[pixel_art & (results["method"] == "dreambooth"), ["kid_ci_low", "kid_ci_high"]] = (0.045, 0.07)
+    pq.write_table(pa.Table.from_pandas(results, schema=RESULTS_SCHEMA, preserve_index=False),
+                   run_dir / "results.parquet")
+
+    rows = parse(write_report(run_dir)).table_rows["learning"]
+    styleboost, dreambooth = rows
+    assert styleboost == [("", "styleboost"), ("num learned", "-20.0* [-25.0, -15.0]"),
+                          ("num learned", "-20.0 [-30.0, -10.0]"), ("num", "2 of 2 (1*)")]
+    assert dreambooth == [("", "dreambooth"), ("num worse", "+10.0 [+5.0, +15.0]"),
+                          ("num", "-1.0 [-4.0, +2.0]"), ("num", "0 of 2 (0*)")]
+
+
+def test_learning_table_is_left_out_for_results_without_the_kid_change(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"]})
+    results = pq.read_table(run_dir / "results.parquet")
+    pq.write_table(results.drop_columns(["kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high"]),
+                   run_dir / "results.parquet")
+    parsed = parse(write_report(run_dir))
+    assert "learning" not in parsed.table_rows and len(parsed.leaderboard_rows) == 2
