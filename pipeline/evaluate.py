@@ -7,10 +7,11 @@ each generated set, one set per seed, as StyleAligned reports it). The backbones
 weights or the toy backbone, are written into every row.
 
 Uncertainty: one seeded bootstrap over each model's images gives kid_std and 95% intervals of KID,
-CLIP-T and style similarity. Every model is sampled on the base's prompts' contents and seeds, so the same
+CLIP-T and style similarity. Every model is sampled on the base's contents and seeds, so the same
 resamples, drawn over (prompt, seed) pairs, also give a paired interval of the KID change against the
 untuned base: the content each pair draws cancels out of it. A `noise-floor` row per style scores half
-the StyleRef images against the other half. Every image is embedded once per backbone; the features go to features.parquet.
+the StyleRef images against the other half. Every image is embedded once per backbone; the features go
+to features.parquet.
 """
 from __future__ import annotations
 
@@ -290,7 +291,8 @@ def record_metrics_in_card(model_dir: Path, row: dict) -> None:
     card = json.loads(card_path.read_text())
     card["metrics"] = {k: row[k] for k in (
         "run_id", "n_images", "n_reference", "fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high",
-        "kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high", "clip_t", "clip_t_ci_low", "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high",
+        "kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high",
+        "clip_t", "clip_t_ci_low", "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high",
         "style_consistency", "style_consistency_ci_low", "style_consistency_ci_high",
         "inception_backbone", "clip_backbone", "dino_backbone", "backbones_real")}
     write_json_atomic(card_path, card)
