@@ -312,6 +312,7 @@ def learning_section(results: pd.DataFrame) -> str:
     if models.empty or bases.empty:
         return ""
     styles, methods = list(pd.unique(models["style"])), list(pd.unique(models["method"]))
+    scale = next(metric.scale for metric in METRICS if metric.column == "kid")  # as the leaderboard shows KID
     body = []
     for method in methods:
         cells, learned, apart, scored = [f"<td>{esc(method)}</td>"], 0, 0, 0
@@ -327,8 +328,8 @@ def learning_section(results: pd.DataFrame) -> str:
                 bases.loc[style, "kid_ci_low"])
             learned, apart = learned + (high < 0), apart + is_apart
             css_class = "num learned" if high < 0 else "num worse" if low > 0 else "num"
-            cells.append(f'<td class="{css_class}">{float(change["kid_vs_base"]) * 1000:+.1f}{"*" if is_apart else ""}'
-                         f" [{low * 1000:+.1f}, {high * 1000:+.1f}]</td>")
+            cells.append(f'<td class="{css_class}">{float(change["kid_vs_base"]) * scale:+.1f}{"*" if is_apart else ""}'
+                         f" [{low * scale:+.1f}, {high * scale:+.1f}]</td>")
         cells.append(f'<td class="num">{learned} of {scored} ({apart}*)</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     headers = ["Method"] + styles + ["KID falls"]
