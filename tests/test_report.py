@@ -263,7 +263,7 @@ def test_learning_table_marks_where_kid_fell_against_the_base(tmp_path: Path) ->
     run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost", "dreambooth"],
                                            "watercolor": ["base", "styleboost", "dreambooth"]})
     results = pq.read_table(run_dir / "results.parquet").to_pandas()
-    changes = {  # (style, method) -> KID change and its paired interval; the base's own KID interval
+    changes = {  # (style, method) -> KID change and its paired interval
         ("pixel-art", "styleboost"): (-0.02, -0.025, -0.015), ("watercolor", "styleboost"): (-0.02, -0.03, -0.01),
         ("pixel-art", "dreambooth"): (0.01, 0.005, 0.015), ("watercolor", "dreambooth"): (-0.001, -0.004, 0.002),
     }
