@@ -34,6 +34,7 @@ from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_js
 from pipeline.generate import DEFAULT_PROMPTS, TOY_PROMPTS, SampleJob, generate_all, sample_name
 from pipeline.methods import get_method
 from pipeline.models import TINY, TINY_PRETRAINED, base_model_identity, resolve_base_model
+from pipeline.report import BASE_METHOD, NOISE_FLOOR  # the row names the report reads
 from pipeline.run import Run
 
 RESULTS_SCHEMA = pa.schema([
@@ -61,8 +62,6 @@ FEATURES_SCHEMA = pa.schema([
     ("prompt_index", pa.int32()), ("seed", pa.int64()), ("backbone", pa.string()),
     ("feature", pa.list_(pa.float32())),
 ])
-NOISE_FLOOR = "noise-floor"  # the method name of the split-half StyleRef row
-BASE = "base"  # the method name of the untuned base model's rows
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip_torch", "pyarrow", "scipy")
 
 
@@ -85,7 +84,8 @@ def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJo
     protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.config.model.resolution]
     jobs = []
     for style in run.live_styles():
-        models = {BASE: ("", [base_prompt(c, style.config.descriptor) for c in contents], base_model_identity(base))}
+        base_prompts = [base_prompt(c, style.config.descriptor) for c in contents]
+        models = {BASE_METHOD: ("", base_prompts, base_model_identity(base))}
         for (name, method), model_dir in trained.items():
             if name == style.name:
                 card = json.loads((Path(model_dir) / "model_card.json").read_text())
@@ -242,10 +242,10 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
             text_emb = clip.embed_texts(entry["texts"])
             scores = image_scores(feats, gen_clip, gen_dino, entry["seeds"], text_emb, ref_feats, ref_clip, seed)
             pairs = list(zip(entry["prompt_indices"], entry["seeds"]))
-            if method == BASE:
+            if method == BASE_METHOD:
                 base_images[style] = (pairs, feats)
             change = dict.fromkeys(("kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high"), float("nan"))
-            if method != BASE and style in base_images and base_images[style][0] == pairs:
+            if method != BASE_METHOD and style in base_images and base_images[style][0] == pairs:
                 change = kid_change_scores(feats, base_images[style][1], ref_feats, seed)
             rows.append({"style": style, "method": method, "n_images": len(feats), "n_reference": len(ref_feats),
                          **scores, **change, **heldout_scores(feats, gen_clip, *heldout[style][:2], seed),
@@ -352,7 +352,7 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
             continue
         rows.append({
             **score, **run_fields, "display_name": style.config.display_name,
-            "tokens": "" if job.method == BASE else " ".join(style.config.tokens),
+            "tokens": "" if job.method == BASE_METHOD else " ".join(style.config.tokens),
             "prompt": job.prompts[0], "seeds": list(job.seeds),
             "samples_dir": str(Path(job.out_dir).relative_to(run.dir)),
             "model_dir": str(Path(job.model_dir).relative_to(run.dir)) if job.model_dir else "",

@@ -105,7 +105,7 @@ def load_sampling_pipeline(job: SampleJob, device: str):
     from pipeline.methods import get_method
     from pipeline.models import load_pipeline
 
-    if job.method == "base":
+    if not job.model_dir:  # the untuned base: nothing to load on top of it
         return load_pipeline(job.base_model, device)
     return get_method(job.method).load_for_sampling(job.base_model, job.model_dir, device)
 

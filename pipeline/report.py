@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.files import replace_dir_atomic, write_text_atomic
 
-BASE_METHOD = "base"
+BASE_METHOD = "base"  # the untuned base model's rows
 NOISE_FLOOR = "noise-floor"  # StyleRef split-half row: a reference point, not a model
 REPORT_FILENAME = "report.html"
 ASSETS_DIRNAME = "report_assets"
