@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
-from pipeline.models import Components
+from pipeline.families.base import Components
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,7 +26,8 @@ class ReferenceLoop:
         self.models, self.cfg, self.device = models, cfg, device
         weight_dtype = PRECISIONS.get(cfg.mixed_precision, torch.float32)
         models.vae.requires_grad_(False).to(device, weight_dtype)
-        models.text_encoder.requires_grad_(False).to(device, weight_dtype)
+        self.text_encoder = models.text_encoders["text_encoder"].requires_grad_(False).to(device, weight_dtype)
+        self.tokenizer = models.tokenizers["tokenizer"]
         models.unet.requires_grad_(True).to(device)  # fp32 master weights
         self.autocast = (torch.autocast(device.type, dtype=weight_dtype) if cfg.mixed_precision != "no"
                          else nullcontext())
@@ -36,15 +37,15 @@ class ReferenceLoop:
     def step(self, pixels: torch.Tensor, prompts: list[str]) -> float:
         """One step on instance images followed by as many class images (and their prompts)."""
         models, device = self.models, self.device
-        ids = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
         pixels = pixels.to(device, models.vae.dtype)
         latents = models.vae.encode(pixels).latent_dist.sample() * models.vae.config.scaling_factor
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, models.noise_scheduler.config.num_train_timesteps, (len(latents),),
                                   device=device)
         noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
-        text = models.text_encoder(ids)[0]
+        text = self.text_encoder(ids)[0]
         with self.autocast:
             prediction = models.unet(noisy, timesteps, text, return_dict=False)[0]
         prediction, prior_prediction = prediction.chunk(2)

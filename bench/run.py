@@ -47,12 +47,17 @@ from bench.reference_loop import PRECISIONS, ReferenceLoop
 from pipeline.backbones import toy_clip, toy_inception
 from pipeline.config import CurateConfig, RunConfig, TrainConfig, load_styles
 from pipeline.curate import DecodeBatch, curate_styles, decode_all, list_candidates
-from pipeline.generate import TOY_PROMPTS, SampleJob, generate_images
-from pipeline.methods import StyleData, get_method
-from pipeline.models import Components, load_components, resolve_base_model
-from pipeline.run import Run, start_ray
-from pipeline.train import (apply_fast_paths, build_optimizer, encode_latent_cache, encode_prompts,
-                            optimisation_step, plan_training, sample_latents, step_generator, train_all)
+from pipeline.data import StyleData
+from pipeline.families import get_family
+from pipeline.families.base import Components
+from pipeline.generate import TOY_PROMPTS
+from pipeline.methods import get_method
+from pipeline.models import resolve_base_model
+from pipeline.run import REGISTRY, Run, start_ray
+from pipeline.sampling import SampleJob, generate_images
+from pipeline.loop import (apply_fast_paths, build_optimizer, encode_latent_cache, optimisation_step, sample_latents,
+                           step_generator)
+from pipeline.train import plan_training, train_all
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 3
@@ -84,7 +89,8 @@ def sd15_components(tiny: Components) -> Components:
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407))
-    return replace(tiny, unet=unet, vae=vae, text_encoder=text_encoder, source="sd15-shaped, random weights")
+    return replace(tiny, unet=unet, vae=vae, text_encoders={"text_encoder": text_encoder}, frozen_prompts={},
+                   source="sd15-shaped, random weights")
 
 
 def synthetic_style(resolution: int, images: int = 16) -> StyleData:
@@ -137,7 +143,7 @@ def bench_training(setup: Setup, overrides: dict, device: torch.device) -> dict:
 
     ours = setup.build()  # set up as train_loop_per_worker does
     param_groups = method.prepare(ours, cfg)
-    for part in (ours.vae, ours.text_encoder, ours.unet):
+    for part in (ours.vae, *ours.text_encoders.values(), ours.unet):
         part.to(device)
     cache = encode_latent_cache(ours.vae, data.pixels, method.image_views(cfg))
     apply_fast_paths(ours, cfg)
@@ -154,7 +160,7 @@ def bench_training(setup: Setup, overrides: dict, device: torch.device) -> dict:
                               generator=generator).to(device)
     noisy = ours.noise_scheduler.add_noise(latents, noise, timesteps)
     with autocast(cfg, device):
-        text = encode_prompts(ours, batch.prompts, device)
+        text = ours.family.encode_prompts(ours, batch.prompts, device).hidden_states
 
     def unet_fwd_bwd(unet: torch.nn.Module) -> None:
         with autocast(cfg, device):
@@ -214,7 +220,7 @@ def bench_fan_out(workdir: Path, styles: list[str], workers: int) -> dict:
     train = TrainConfig(max_steps=FAN_OUT_STEPS, checkpoint_every=FAN_OUT_STEPS, batch_size=2, cpus_per_worker=1)
     config = RunConfig(name="fan-out", results_dir=str(workdir), styles_dir=str(REPO / "styles"), styles=styles,
                        methods=["styleboost"], baselines=[], train=train)
-    run = Run(config=config, styles=load_styles(config))
+    run = Run(config=config, styles=load_styles(config, REGISTRY))
     curate_styles(run)
     jobs = [replace(job, train=train.model_dump()) for job in plan_training(run)]  # not the styles' own steps
 
@@ -244,7 +250,7 @@ def bench_curation(workdir: Path, resolution: int, repeats: int = 4) -> dict:
     folder = workdir / "curation"
     folder.mkdir()
     paths = []
-    for style in load_styles(config):
+    for style in load_styles(config, REGISTRY):
         for candidate in list_candidates(style):
             if candidate.role == "ref" and not candidate.rejected:
                 paths.append(folder / f"{style.name}-{candidate.path.stem}.jpg")
@@ -268,11 +274,13 @@ def bench_curation(workdir: Path, resolution: int, repeats: int = 4) -> dict:
 def bench_evaluation(workdir: Path, base_model: str, device: torch.device) -> dict:
     """A third of one model's default evaluation set through generate_images, then features of those images."""
     seeds, steps = [0, 1], 20
-    job = SampleJob(style="bench", method="base", base_model=base_model, model_dir="", prompts=TOY_PROMPTS[:8],
+    job = SampleJob(style="bench", method="base", family="sd1", base_model=base_model, model_dir="",
+                    prompts=TOY_PROMPTS[:8],
                     seeds=seeds, out_dir=str(workdir / "samples"), key="bench", resolution=64,
                     num_inference_steps=steps, guidance_scale=5.0)
     start = time.perf_counter()
-    generate_images(job, str(device))  # loading the pipeline and writing the PNGs included, as in the stage
+    # loading the pipeline and writing the PNGs included, as in the stage
+    generate_images(job, get_family("sd1").load_pipeline(base_model, str(device)))
     generate_s = time.perf_counter() - start
     images = [Image.open(path).convert("RGB") for path in sorted((workdir / "samples").glob("*.png"))]
     inception, clip = toy_inception(str(device)), toy_clip(str(device))
@@ -344,9 +352,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="style-factory-bench-") as tmp:
         workdir = Path(tmp)
         tiny_model = resolve_base_model("tiny", workdir / "base-models")
-        setups = [Setup("tiny 64px", lambda: load_components(tiny_model), 64, precision)]
+        sd1 = get_family("sd1")
+        setups = [Setup("tiny 64px", lambda: sd1.load_components(tiny_model), 64, precision)]
         if device.type == "cuda":
-            setups.append(Setup("sd15-shaped 512px", lambda: sd15_components(load_components(tiny_model)), 512,
+            setups.append(Setup("sd15-shaped 512px", lambda: sd15_components(sd1.load_components(tiny_model)), 512,
                                 precision))
         for setup in setups:
             print(f"[bench] training step: {setup.name}", flush=True)
@@ -357,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         print("[bench] curation", flush=True)
         results["curation"] = bench_curation(workdir, resolution=512)
         cpus = int(ray.cluster_resources()["CPU"])
-        styles = sorted(s.name for s in load_styles(RunConfig(styles_dir=str(REPO / "styles"))))
+        styles = sorted(s.name for s in load_styles(RunConfig(styles_dir=str(REPO / "styles")), REGISTRY))
         styles = styles[:max(2, min(len(styles), 2 * cpus))]  # two or more styles per worker: warm turns show
         print("[bench] fan-out", flush=True)
         results["fan_out"] = bench_fan_out(workdir, styles, workers=max(1, len(styles) // 2))

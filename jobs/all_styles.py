@@ -2,18 +2,26 @@
 from pipeline.curate import curate_styles
 from pipeline.evaluate import evaluate
 from pipeline.report import write_report
-from pipeline.run import finish, open_run, parse_args, start_ray
+from pipeline.run import Run, finish, parse_args, run_job
 from pipeline.train import train_styles
 
 
-def main(argv: list[str] | None = None) -> int:
-    run = open_run(parse_args(__doc__, argv))
-    start_ray()
+def stages(run: Run) -> int:
+    run.stage = "curate"
     curate_styles(run)
+    run.stage = "train"
     trained = train_styles(run)
-    if evaluate(run, trained):
-        write_report(run.dir)
+    run.stage = "evaluate"
+    results = evaluate(run, trained)
+    if results:
+        run.written.append(results)
+        run.stage = "report"
+        run.written.append(write_report(run.dir))
     return finish(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(parse_args(__doc__, argv), stages)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Curate the styles into Parquet and a curation report: `python -m jobs.curate [--config RUN.yaml] [--style NAME]`."""
 from pipeline.curate import curate_styles
-from pipeline.run import finish, open_run, parse_args, start_ray
+from pipeline.run import Run, finish, parse_args, run_job
+
+
+def stages(run: Run) -> int:
+    run.stage = "curate"
+    curate_styles(run)
+    return finish(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    run = open_run(parse_args(__doc__, argv))
-    start_ray()
-    curate_styles(run)
-    return finish(run)
+    return run_job(parse_args(__doc__, argv), stages)
 
 
 if __name__ == "__main__":

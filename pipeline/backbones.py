@@ -6,9 +6,9 @@ world, pipeline/pretrain.py) stands in for both, labelled "NOT REAL" in its name
 with a warning: its numbers tell models of the toy world apart and are only comparable to other
 runs made with it, never to published FID/KID/CLIP scores.
 
-Where weights are looked for with spec="auto":
-  Inception: `inception-2015-12-05.pt` in `models_dir`, then /tmp (where clean-fid itself
-    downloads it), then ~/.cache/style-factory/.
+Where weights are looked for with spec="auto" (only there: never in /tmp, clean-fid's own download folder, nor
+anywhere else another local user can write, since loading the TorchScript Inception file runs its code):
+  Inception: `inception-2015-12-05.pt` in `models_dir`, then ~/.cache/style-factory/.
   CLIP: `open_clip_vit_b_32.safetensors` in `models_dir`, then ~/.cache/style-factory/ (OpenAI
     ViT-B/32 weights in open_clip format), then the local Hugging Face cache entry of
     timm/vit_base_patch32_clip_224.openai (the file open_clip itself would download).
@@ -42,7 +42,6 @@ from pipeline import toyworld
 from pipeline.renderers import RENDERERS
 
 INCEPTION_FILE_NAME = "inception-2015-12-05.pt"
-CLEANFID_INCEPTION_DIR = Path("/tmp")  # clean-fid's own hard-coded download folder
 STYLE_FACTORY_CACHE_DIR = Path("~/.cache/style-factory").expanduser()
 
 CLIP_FILE_NAME = "open_clip_vit_b_32.safetensors"
@@ -230,17 +229,16 @@ class FeatureExtractor:
         return np.concatenate(features)
 
 
-def find_in_folders(file_name: str, models_dir: str | None, *more: Path) -> Path | None:
-    """`file_name` in models_dir, then in `more`, then in ~/.cache/style-factory (where
-    scripts/fetch_weights.py puts it)."""
-    for folder in ([Path(models_dir)] if models_dir else []) + [*more, STYLE_FACTORY_CACHE_DIR]:
+def find_in_folders(file_name: str, models_dir: str | None) -> Path | None:
+    """`file_name` in models_dir, then in ~/.cache/style-factory (where scripts/fetch_weights.py puts it)."""
+    for folder in ([Path(models_dir)] if models_dir else []) + [STYLE_FACTORY_CACHE_DIR]:
         if (folder / file_name).is_file():
             return folder / file_name
     return None
 
 
 def find_inception_file(models_dir: str | None) -> Path | None:
-    return find_in_folders(INCEPTION_FILE_NAME, models_dir, CLEANFID_INCEPTION_DIR)
+    return find_in_folders(INCEPTION_FILE_NAME, models_dir)
 
 
 def real_inception(weight_file: Path, device: str) -> FeatureExtractor:
@@ -264,8 +262,8 @@ def load_inception(spec: str = "auto", models_dir: str | None = None, device: st
         weight_file = find_inception_file(models_dir)
         if weight_file is None:
             warnings.warn(
-                f"NO REAL INCEPTION WEIGHTS: {INCEPTION_FILE_NAME} not found in models_dir={models_dir}, "
-                f"{CLEANFID_INCEPTION_DIR} or {STYLE_FACTORY_CACHE_DIR}. Using the toy CLIP's image embedding; "
+                f"NO REAL INCEPTION WEIGHTS: {INCEPTION_FILE_NAME} not found in models_dir={models_dir} or "
+                f"{STYLE_FACTORY_CACHE_DIR}. Using the toy CLIP's image embedding; "
                 + NOT_REAL_WARNING.format(metrics="FID/KID")
             )
             return toy_inception(device)
@@ -339,7 +337,7 @@ def real_clip(arch: str, weight_file: Path, device: str) -> ClipBackbone:
 
 
 def toy_clip(device: str) -> ClipBackbone:
-    from pipeline.models import clip_tokenizer
+    from pipeline.families.base import clip_tokenizer
 
     toy, tokenizer = toy_clip_model(), clip_tokenizer()
 

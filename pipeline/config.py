@@ -1,28 +1,63 @@
 """Typed configuration: one schema for a run (`run.yaml`), one for a style (`styles/<name>/style.yaml`).
 
 Everything is validated here, before any compute starts; a bad value raises `ConfigError`
-naming the file, the field and what was expected.
+naming the file, the field and what was expected (quoting at most MAX_EXCERPT characters of it). Files are read
+within bounds (MAX_YAML_BYTES, MAX_YAML_NODES, MAX_YAML_DEPTH), so that a hostile one fails at once. This module
+imports nothing of the project's: the names of methods and families are checked against a `Registry` the caller
+hands in (pipeline/run.py's `REGISTRY`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 STYLE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TOKEN = re.compile(r"^[A-Za-z0-9<>_-]{2,32}$")
+# Bounds on a config file, which holds a few hundred values in a few KiB: a larger file is refused before it is
+# parsed, and a document of more values once its aliases are expanded (a "billion laughs" alias bomb), or nested
+# deeper, while it is parsed, before anything (validation, an error message) walks the expansion.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+MAX_EXCERPT = 80  # characters of a value an error message quotes
+MAX_PROBLEMS = 20  # problems listed in one ConfigError; the rest are counted
 
 
-def _known_method(name: str) -> str:
-    from pipeline.methods import METHODS  # imported late: methods import this module
+@dataclass(frozen=True)
+class Registry:
+    """The names a config may use: methods (name -> class with `trains` and an `Options` schema) and families."""
 
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    methods: Mapping[str, Any]
+    families: Collection[str]
+
+
+def _registry(info: ValidationInfo) -> Registry | None:
+    """The registry this validation was handed; None (names unchecked) for configs built in code."""
+    return (info.context or {}).get("registry")
+
+
+def _excerpt(value: Any) -> str:
+    """`value`'s repr, cut to MAX_EXCERPT characters: a message quotes a value, never a whole document."""
+    return _cut(repr(value))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_EXCERPT else text[: MAX_EXCERPT - 3] + "..."
+
+
+def _known_method(name: str, info: ValidationInfo) -> str:
+    registry = _registry(info)
+    if registry is not None and name not in registry.methods:
+        raise ValueError(f"unknown method {_excerpt(name)}; expected one of {sorted(registry.methods)}")
     return name
 
 
@@ -35,11 +70,22 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    # "tiny-pretrained" (shipped, trained on the toy world), "tiny" (same architecture, random weights),
-    # a hub id ("runwayml/stable-diffusion-v1-5") or a local diffusers folder
+    # "tiny-pretrained" (shipped, trained on the toy world), "tiny" / "tiny-sd2" / "tiny-sdxl" (a family's
+    # architecture at toy size, random weights), a hub id ("runwayml/stable-diffusion-v1-5") or a local diffusers folder
+    # (absolute, or starting with "." and then relative to the config file: "./models/sd15")
     base: str = "tiny-pretrained"
-    resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
-    models_dir: str | None = None  # where metric backbone weights live (see README)
+    family: str = "auto"  # "auto": read from the base's model_index.json; or sd1 | sd2 | sdxl
+    resolution: int | None = Field(None, ge=32, le=2048, multiple_of=8)  # None: 64 for presets, else the family's
+    models_dir: str | None = None  # where metric backbone weights live (see README); relative: to the config file
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str, info: ValidationInfo) -> str:
+        registry = _registry(info)
+        if registry is not None and name != "auto" and name not in registry.families:
+            raise ValueError(f"unknown model family {_excerpt(name)}; expected auto or one of "
+                             f"{sorted(registry.families)}")
+        return name
 
 
 class CurateConfig(Strict):
@@ -47,9 +93,12 @@ class CurateConfig(Strict):
     min_side: int = Field(32, ge=8)  # images smaller than this on either side are rejected
     max_aspect: float = Field(4.0, ge=1.0)  # long side / short side; beyond it a centre crop loses the content
     max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard on the declared header size
-    # Images whose 32x32 thumbnails differ in at most this fraction of pixels are near duplicates.
+    # Images whose 32x32 thumbnails differ in at most this fraction of pixels, as they lie or once scaled and shifted
+    # onto each other (a copy cropped or resized a little), are near duplicates (pipeline.curate.differing_fraction).
     near_duplicate_fraction: float = Field(0.03, ge=0, le=1)
-    captioner: str | None = None  # transformers image-to-text model (hub id or folder); sidecar .txt wins
+    # transformers image-to-text model: a hub id, or a folder (absolute, or "./..." relative to the config file);
+    # a sidecar .txt wins
+    captioner: str | None = None
 
 
 class TrainConfig(Strict):
@@ -59,7 +108,7 @@ class TrainConfig(Strict):
     text_encoder_learning_rate: float | None = Field(None, gt=0)  # defaults to learning_rate
     train_text_encoder: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: what the base's scheduler says
     snr_gamma: float | None = Field(None, gt=0)  # Min-SNR weighting; None = plain MSE
     random_flip: bool = True
     weight_decay: float = Field(1e-2, ge=0)
@@ -71,7 +120,7 @@ class TrainConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; bf16 on GPUs that have it (A100, H100)
-    # Fast-step options (pipeline.train.apply_fast_paths); the defaults suit both CPU and GPU.
+    # Fast-step options (pipeline.loop.apply_fast_paths); the defaults suit both CPU and GPU.
     # "auto": fused AdamW on CUDA, plain AdamW on CPU; adamw_8bit needs bitsandbytes (for 16 GB GPUs, full FT).
     optimizer: Literal["auto", "adamw", "adamw_fused", "adamw_8bit"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: ~+1/3 compute, far less memory
@@ -83,22 +132,21 @@ class TrainConfig(Strict):
 
     @field_validator("method_options")
     @classmethod
-    def _options_valid(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from pipeline.methods import METHODS
-
+    def _options_valid(cls, options: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
         for name, values in options.items():
-            _known_method(name)
-            METHODS[name].Options.model_validate(values)  # unknown keys and bad values fail here
+            _known_method(name, info)
+            if (registry := _registry(info)) is not None:
+                registry.methods[name].Options.model_validate(values)  # unknown keys and bad values fail here
         return options
 
     @field_validator("per_method")
     @classmethod
-    def _per_method_valid(cls, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _per_method_valid(cls, overrides: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
         for name, values in overrides.items():
-            _known_method(name)
+            _known_method(name, info)
             if nested := sorted({"method_options", "per_method"} & set(values)):
                 raise ValueError(f"{name}: {', '.join(nested)} cannot be set per method")
-            TrainConfig.model_validate(values)  # unknown keys and bad values fail here
+            TrainConfig.model_validate(values, context=info.context)  # unknown keys and bad values fail here
         return overrides
 
 
@@ -136,6 +184,9 @@ class EvaluateConfig(Strict):
 
 
 class RunConfig(Strict):
+    # Paths (styles_dir, results_dir, a local model.base, model.models_dir, a local curate.captioner, evaluate's
+    # backbone files) that a config file sets relative are relative to that file's folder; left out, the defaults
+    # are relative to the current directory (the repository, under make). See load_run_config.
     name: str = "tiny-demo"  # the run id: results land in <results_dir>/<name>/
     styles_dir: str = "styles"
     results_dir: str = "results"
@@ -153,22 +204,21 @@ class RunConfig(Strict):
 
     @field_validator("methods")
     @classmethod
-    def _methods_known(cls, methods: list[str] | None) -> list[str] | None:
+    def _methods_known(cls, methods: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if methods is not None:
             if not methods:
                 raise ValueError("must list at least one method (or be left out)")
             for name in methods:
-                _known_method(name)
+                _known_method(name, info)
         return methods
 
     @field_validator("baselines")
     @classmethod
-    def _baselines_zero_shot(cls, baselines: list[str]) -> list[str]:
-        from pipeline.methods import METHODS
-
+    def _baselines_zero_shot(cls, baselines: list[str], info: ValidationInfo) -> list[str]:
+        registry = _registry(info)
         for name in baselines:
-            if _known_method(name) and METHODS[name].trains:
-                raise ValueError(f"{name!r} trains; baselines are zero-shot methods (list it under methods)")
+            if _known_method(name, info) and registry is not None and registry.methods[name].trains:
+                raise ValueError(f"{_excerpt(name)} trains; baselines are zero-shot methods (list it under methods)")
         return baselines
 
     @field_validator("name")
@@ -218,14 +268,14 @@ class StyleConfig(Strict):
 
     @field_validator("train")
     @classmethod
-    def _train_overrides_valid(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        TrainConfig.model_validate(overrides)  # unknown keys and bad values fail here, not mid-run
+    def _train_overrides_valid(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        TrainConfig.model_validate(overrides, context=info.context)  # unknown keys and bad values fail here
         return overrides
 
     @field_validator("method")
     @classmethod
-    def _method_known(cls, name: str) -> str:
-        return _known_method(name)
+    def _method_known(cls, name: str, info: ValidationInfo) -> str:
+        return _known_method(name, info)
 
     @field_validator("caption_template")
     @classmethod
@@ -233,14 +283,14 @@ class StyleConfig(Strict):
         try:
             template.format(class_word="style")
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"may only use the placeholder {{class_word}} ({err})") from None
+            raise ValueError(f"may only use the placeholder {{class_word}} ({_cut(str(err))})") from None
         return template
 
     @model_validator(mode="after")
     def _tokens_unique(self) -> StyleConfig:
         tokens = [c.token for c in self.concepts]
         if len(set(tokens)) != len(tokens):
-            raise ValueError(f"concepts repeat a token: {tokens}")
+            raise ValueError(f"concepts repeat a token: {_excerpt(tokens)}")
         return self
 
     @property
@@ -271,50 +321,145 @@ class Style(BaseModel):
         return chosen + [name for name in run.baselines if name not in chosen]
 
 
+class _Refused(ValueError):
+    """A YAML document past one of the bounds (MAX_YAML_NODES, MAX_YAML_DEPTH)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, counting every node as a reader that expands aliases (pydantic, repr) would meet it.
+
+    Composing keeps one node per anchor however often it is named, so a small file can stand for billions of
+    values; each node's expanded size is known once it is composed, and the running total is checked node by node.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.expanded: dict[int, int] = {}  # id(node) -> nodes in it with aliases expanded, once composed
+        self.total = 0  # nodes so far, an alias counted as the nodes it stands for
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        alias = self.check_event(yaml.AliasEvent)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep (MAX_YAML_DEPTH)")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if alias:
+            if id(node) not in self.expanded:
+                raise _Refused("an alias inside the node it names (a recursive document)")
+            self.total += self.expanded[id(node)]
+        else:
+            children = ([] if isinstance(node, yaml.ScalarNode) else node.value if isinstance(node, yaml.SequenceNode)
+                        else [part for pair in node.value for part in pair])
+            self.expanded[id(node)] = 1 + sum(self.expanded[id(child)] for child in children)
+            self.total += 1
+        if self.total > MAX_YAML_NODES:
+            raise _Refused(f"more than {MAX_YAML_NODES} values once its aliases are expanded (MAX_YAML_NODES; "
+                           "an alias bomb?)")
+        return node
+
+
 def _read_yaml(path: Path) -> Any:
+    """The document in `path`, read safely (no arbitrary objects) and within the MAX_YAML_* bounds."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        with path.open("rb") as file:
+            data = file.read(MAX_YAML_BYTES + 1)  # at most one byte past the cap, however large the file
+    except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err}") from err
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: refused: larger than {MAX_YAML_BYTES} bytes (MAX_YAML_BYTES, 1 MiB), far more "
+                          "than a config needs")
     try:
-        return yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from err
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _Refused as err:
+        raise ConfigError(f"{path}: refused: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: malformed YAML: {err}") from err
+    finally:
+        loader.dispose()
 
 
-def _validate(schema: type[BaseModel], data: Any, path: Path | str) -> Any:
+def _validate(schema: type[BaseModel], data: Any, path: Path | str, registry: Registry) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
     try:
-        return schema.model_validate(data)
+        return schema.model_validate(data, context={"registry": registry})
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            field = ".".join(_cut(str(p)) for p in e["loc"]) or "(top level)"
             message = e["msg"].replace("Extra inputs are not permitted", "unknown field (misspelled?)")
-            got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+            shown = e["type"] != "missing" and not isinstance(e["input"], dict)
+            got = f" (got {_excerpt(e['input'])})" if shown else ""
             problems.append(f"{path}: {field}: {message}{got}")
+        if len(problems) > MAX_PROBLEMS:
+            problems[MAX_PROBLEMS:] = [f"{path}: ... and {len(problems) - MAX_PROBLEMS} more problems"]
         raise ConfigError("\n".join(problems)) from None
 
 
-def load_run_config(path: str | Path | None = None) -> RunConfig:
-    """The run config from `path`, or the embedded default (tiny-pretrained model, CPU) when None."""
+def _local_path(value: str) -> bool:
+    """Whether a model or captioner names a local folder rather than a hub id ("org/name")."""
+    return Path(value).expanduser().is_absolute() or value.startswith(".")
+
+
+def _against(folder: Path, value: str) -> str:
+    """`value`, a path, absolute: against `folder` when it is relative, "~" expanded."""
+    path = Path(value).expanduser()
+    return str(path) if path.is_absolute() else os.path.normpath(folder / path)
+
+
+def _resolve_paths(run: RunConfig, folder: Path) -> None:
+    """Make the relative paths that a config file sets absolute against the file's `folder`, so that a run reads the
+    same files from any current directory. Fields the file leaves out keep their defaults, relative to the current
+    directory (the repository, under make)."""
+    for name in ("styles_dir", "results_dir"):
+        if name in run.model_fields_set:
+            setattr(run, name, _against(folder, getattr(run, name)))
+    model, curate, evaluate = run.model, run.curate, run.evaluate
+    if "base" in model.model_fields_set and _local_path(model.base):
+        model.base = _against(folder, model.base)
+    if model.models_dir is not None:
+        model.models_dir = _against(folder, model.models_dir)
+    if curate.captioner is not None and _local_path(curate.captioner):
+        curate.captioner = _against(folder, curate.captioner)
+    for name in ("inception", "dino"):
+        if (spec := getattr(evaluate, name)) not in ("auto", "toy"):
+            setattr(evaluate, name, _against(folder, spec))
+    if evaluate.clip not in ("auto", "toy"):  # [ARCH:]path, split as pipeline.backbones.load_clip splits it
+        arch, separator, spec = evaluate.clip.partition(":")
+        if not separator:
+            arch, spec = "", arch
+        evaluate.clip = arch + separator + _against(folder, spec)
+
+
+def load_run_config(path: str | Path | None, registry: Registry) -> RunConfig:
+    """The run config from `path`, or the embedded default (tiny-pretrained model, CPU) when None. Relative paths
+    the file sets are made absolute against its folder (`_resolve_paths`)."""
     if path is None:
         return RunConfig()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: run config not found")
-    run = _validate(RunConfig, _read_yaml(path), path)
-    base = Path(run.model.base)
-    is_preset = run.model.base in ("tiny", "tiny-pretrained")
-    if not is_preset and (base.is_absolute() or run.model.base.startswith(".")) and not base.is_dir():
-        raise ConfigError(f"{path}: model.base: local diffusers folder {base} does not exist")
+    run = _validate(RunConfig, _read_yaml(path), path, registry)
+    _resolve_paths(run, path.absolute().parent)
+    if "styles_dir" in run.model_fields_set and not Path(run.styles_dir).is_dir():
+        raise ConfigError(f"{path}: styles_dir: folder {run.styles_dir} does not exist")
+    if _local_path(run.model.base) and not Path(run.model.base).is_dir():
+        raise ConfigError(f"{path}: model.base: local diffusers folder {run.model.base} does not exist")
     return run
 
 
-def load_style(style_dir: str | Path) -> Style:
+def load_style(style_dir: str | Path, registry: Registry) -> Style:
     style_dir = Path(style_dir)
     name = style_dir.name
     config_path = style_dir / "style.yaml"
@@ -323,7 +468,7 @@ def load_style(style_dir: str | Path) -> Style:
                           "(lowercase letters, digits, '-' or '_', at most 64 characters)")
     if not config_path.is_file():
         raise ConfigError(f"{config_path}: missing (every style folder needs a style.yaml)")
-    config = _validate(StyleConfig, _read_yaml(config_path), config_path)
+    config = _validate(StyleConfig, _read_yaml(config_path), config_path, registry)
     style = Style(name=name, dir=style_dir, config=config)
     root = style_dir.resolve()
     for i, concept in enumerate(config.concepts):
@@ -336,11 +481,11 @@ def load_style(style_dir: str | Path) -> Style:
     return style
 
 
-def load_styles(run: RunConfig, names: list[str] | None = None) -> list[Style]:
+def load_styles(run: RunConfig, registry: Registry, names: list[str] | None = None) -> list[Style]:
     """Every style the run covers (or `names`), validated together: token collisions across styles fail."""
     styles_dir = Path(run.styles_dir)
     if not styles_dir.is_dir():
-        raise ConfigError(f"styles_dir: folder {styles_dir} does not exist")
+        raise ConfigError(f"styles_dir: folder {styles_dir.absolute()} does not exist")
     wanted = names or run.styles
     if wanted:
         missing = [n for n in wanted if not (styles_dir / n / "style.yaml").is_file()]
@@ -351,7 +496,7 @@ def load_styles(run: RunConfig, names: list[str] | None = None) -> list[Style]:
         dirs = sorted(d for d in styles_dir.iterdir() if (d / "style.yaml").is_file())
     if not dirs:
         raise ConfigError(f"{styles_dir}: no style folders (each needs a style.yaml)")
-    styles = [load_style(d) for d in dirs]
+    styles = [load_style(d, registry) for d in dirs]
     owner: dict[str, str] = {}
     for style in styles:
         for token in style.config.tokens:

@@ -2,8 +2,9 @@
 
 Every input file gets one verdict, kept or rejected with a reason. Files are listed on the driver
 (so nothing outside the style folder is ever read), decoded and normalised in parallel with Ray Data,
-then deduplicated and captioned per style. A style fails only when a concept keeps fewer StyleRef
-images than `curate.min_ref_images`.
+then deduplicated and captioned per style; a caption too long for the methods' style words to follow it into the
+text encoder is shortened, and the file's report note says so. A style fails only when a concept keeps fewer
+StyleRef images than `curate.min_ref_images`, or when its words alone overflow the text encoder.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from pipeline import caption
 from pipeline.config import CurateConfig, Style
+from pipeline.data import CURATED_SCHEMA
 from pipeline.files import code_version, sha256_of, write_json_atomic, write_parquet_atomic, write_text_atomic
 from pipeline.run import Run
 
@@ -29,12 +31,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 # The Pillow decoders for those suffixes, and only those: a renamed EPS or PDF never reaches Ghostscript.
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
 SIDECAR_SUFFIXES = {".txt"}
-CURATED_SCHEMA = pa.schema([
-    ("style", pa.string()), ("role", pa.string()), ("concept", pa.int32()), ("token", pa.string()),
-    ("class_word", pa.string()), ("caption", pa.string()), ("caption_source", pa.string()),
-    ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
-    ("content_hash", pa.string()), ("source_path", pa.string()),
-])
 
 
 class CurationError(RuntimeError):
@@ -90,27 +86,38 @@ def _rejection_before_decoding(path: Path, root: Path) -> str:
     return ""
 
 
-def decode_image(data: bytes, cfg: CurateConfig, resolution: int) -> tuple[Image.Image | None, str]:
-    """Decode, orient, convert to RGB and centre-crop/resize; or None and the reason it cannot serve."""
+def decode_image(data: bytes, cfg: CurateConfig, resolution: int) -> tuple[Image.Image | None, str, dict]:
+    """Decode, orient, convert to RGB and centre-crop/resize; or None and the reason it cannot serve.
+    The third item is the source's size and the crop's offset (`source_geometry`), {} when rejected."""
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         width, height = image.size
         if width * height > cfg.max_pixels:  # checked before any pixel is decoded
             return None, (f"decompression bomb guard: declared size {width}x{height} "
-                          f"exceeds max_pixels={cfg.max_pixels}")
+                          f"exceeds max_pixels={cfg.max_pixels}"), {}
         image.seek(0)  # animated images: the first frame
         image.load()
         image = _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as err:  # Pillow's own hard limit trips in open(), before our check
-        return None, f"decompression bomb guard: {err} (max_pixels={cfg.max_pixels})"
+        return None, f"decompression bomb guard: {err} (max_pixels={cfg.max_pixels})", {}
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt/truncated data
-        return None, f"cannot decode image: {type(err).__name__}: {err}"
+        return None, f"cannot decode image: {type(err).__name__}: {err}", {}
     width, height = image.size
     if min(width, height) < cfg.min_side:
-        return None, f"too small: {width}x{height} (min_side={cfg.min_side})"
+        return None, f"too small: {width}x{height} (min_side={cfg.min_side})", {}
     if max(width, height) / min(width, height) > cfg.max_aspect:
-        return None, f"extreme aspect ratio {width}x{height} (max_aspect={cfg.max_aspect})"
-    return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS), ""
+        return None, f"extreme aspect ratio {width}x{height} (max_aspect={cfg.max_aspect})", {}
+    return (ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS), "",
+            source_geometry(width, height, resolution))
+
+
+def source_geometry(width: int, height: int, resolution: int) -> dict:
+    """The source size and the offset of ImageOps.fit's centred square crop, in the source resized so its short
+    side is `resolution`: the coordinates SDXL's crop conditioning uses (as diffusers' and kohya's trainers)."""
+    side = min(width, height)
+    scale = resolution / side
+    return {"original_width": width, "original_height": height,
+            "crop_left": round((width - side) / 2 * scale), "crop_top": round((height - side) / 2 * scale)}
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -131,6 +138,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 THUMB = 32  # side of the thumbnail near duplicates are compared on
 THUMB_LEVELS = 20  # a thumbnail pixel "differs" when a channel moves by more than this (re-encoding noise is less)
+# Pairs whose 4x4-pixel cell means differ by more than this (levels, on average) are not aligned: copies measured at
+# most 16 and distinct photographs and noise at least 23, so this only skips work, never a copy.
+ALIGN_CELL_LEVELS = 25
+ALIGN_MAX_SCALE = 0.15  # a copy's content may be magnified or shrunk by this much (a crop of ~13% of a side) ...
+ALIGN_MAX_SHIFT = 0.12  # ... and moved by this fraction of the side
+ALIGN_MIN_OVERLAP = 0.7  # an alignment that overlaps less of the thumbnail than this proves nothing
+ALIGN_EDGE = 1  # once aligned, pixels this close to either thumbnail's border are not compared (see _aligned_fraction)
 
 
 def thumbnail(image: Image.Image) -> np.ndarray:
@@ -141,14 +155,98 @@ def thumbnail(image: Image.Image) -> np.ndarray:
 
 
 def differing_fraction(thumb: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Fraction of thumbnail pixels that differ, against each of `others` (K, T, T, 3).
+    """Fraction of thumbnail pixels that differ, against each of `others` (K, T, T, 3): as they lie, or once the
+    other is scaled and shifted onto `thumb` (`_align`), whichever is less.
 
-    Perceptual hashes (dHash, pHash) fail on flat artwork, where gradient signs are noise. On the
-    example styles, copies re-saved as JPEG (quality 60-90) and/or resized by 75-110% differ by at most
-    1% (hard-edged blocky images included), distinct images by at least 4.7%.
+    The alignment catches copies cropped by a few percent or resized before the square crop, whose content moves by
+    up to two thumbnail pixels so that edges and texture no longer line up. It moves the whole image, so it cannot
+    explain away an object that differs or lies elsewhere, which is all that sets distinct flat images apart.
+    Perceptual hashes (dHash, pHash) fail on flat artwork, where gradient signs are noise.
+
+    Measured at resolution 64 and 512, on 12 images each of smooth photograph-like fields, 1/f noise, strong pixel
+    noise over blocks, flat blocks (tests/conftest.py's noise_image, square and not) and the realism example style:
+    copies re-saved as JPEG (quality 70-95), resized by 90-110%, or cropped by 2-5% off one or two edges (also resized
+    and re-saved) differ by at most 0.6%; distinct images by at least 83% (16% within realism), and within each of
+    the six example styles by at least 4.0% (flat scenes that differ by one small object). The default
+    near_duplicate_fraction, 3%, sits between.
     """
-    diff = np.abs(others.astype(np.int16) - thumb.astype(np.int16)).max(axis=-1)
-    return (diff > THUMB_LEVELS).mean(axis=(1, 2))
+    thumb, others = thumb.astype(np.float32), others.astype(np.float32)
+    fractions = (np.abs(others - thumb).max(axis=-1) > THUMB_LEVELS).mean(axis=(1, 2))
+    close = np.abs(_cells(others) - _cells(thumb)).mean(axis=(-3, -2, -1)) <= ALIGN_CELL_LEVELS
+    if close.any():
+        fractions[close] = np.minimum(fractions[close], _aligned_fraction(thumb, others[close]))
+    return fractions
+
+
+def _cells(thumbs: np.ndarray, cell: int = 4) -> np.ndarray:
+    """Means of cell x cell pixel blocks: (..., T, T, C) -> (..., T / cell, T / cell, C)."""
+    side = thumbs.shape[-2] // cell
+    return thumbs.reshape(*thumbs.shape[:-3], side, cell, side, cell, thumbs.shape[-1]).mean(axis=(-4, -2))
+
+
+def _aligned_fraction(thumb: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Fraction of the overlap where each of `others`, scaled and shifted by `_align`, differs from `thumb`; 1 where
+    they overlap too little. A thumbnail's outer pixels are left out: their blur saw the image's edge, where the other
+    image's saw more content."""
+    scale, dx, dy = np.split(_align(thumb, others), 3, axis=1)
+    ys, xs = _grid(THUMB)
+    warped, inside = _sample(others, scale * xs + dx, scale * ys + dy, edge=ALIGN_EDGE)
+    interior = np.maximum(np.abs(xs), np.abs(ys)) <= (THUMB - 1) / 2 - ALIGN_EDGE
+    inside &= interior
+    differs = (np.abs(warped - thumb.reshape(1, -1, 3)).max(axis=-1) > THUMB_LEVELS) & inside
+    compared = inside.sum(axis=1)
+    return np.where(compared >= ALIGN_MIN_OVERLAP * interior.sum(), differs.sum(axis=1) / np.maximum(compared, 1), 1.0)
+
+
+def _align(thumb: np.ndarray, others: np.ndarray, passes: tuple[tuple[int, int], ...] = ((2, 8), (1, 4))
+           ) -> np.ndarray:
+    """Per other, (scale, dx, dy) such that other(scale * p + d) ~ thumb(p), p in thumbnail pixels from the centre.
+
+    Gauss-Newton on the squared difference, for all of `others` at once; each (factor, iterations) pass works on
+    factor x factor pixel means, the first on 2x2 for a basin as wide as the two pixels a copy's content may move.
+    """
+    params = np.tile(np.array([1.0, 0.0, 0.0], np.float32), (len(others), 1))
+    for factor, iterations in passes:
+        target, images = _cells(thumb, factor).reshape(1, -1, 3), _cells(others, factor)
+        grad_y, grad_x = np.gradient(images, axis=(1, 2))
+        stacked = np.concatenate([images, grad_x, grad_y], axis=-1)  # sampled together
+        ys, xs = _grid(images.shape[1])
+        for _ in range(iterations):
+            scale, dx, dy = params[:, :1], params[:, 1:2] / factor, params[:, 2:3] / factor
+            sampled, inside = _sample(stacked, scale * xs + dx, scale * ys + dy)
+            value, gx, gy = np.split(sampled * inside[..., None], 3, axis=-1)  # samples outside have no say
+            residual = ((value - target) * inside[..., None]).reshape(len(others), -1)
+            jacobian = np.stack([gx * xs[..., None] + gy * ys[..., None], gx, gy], axis=-1).reshape(len(others), -1, 3)
+            hessian = np.einsum("kni,knj->kij", jacobian, jacobian) + 1e-3 * np.eye(3, dtype=np.float32)
+            step = np.linalg.solve(hessian, -np.einsum("kni,kn->ki", jacobian, residual)[..., None])[..., 0]
+            params += step * np.array([1, factor, factor], np.float32)
+            params[:, 0] = np.clip(params[:, 0], 1 - ALIGN_MAX_SCALE, 1 + ALIGN_MAX_SCALE)
+            params[:, 1:] = np.clip(params[:, 1:], -ALIGN_MAX_SHIFT * THUMB, ALIGN_MAX_SHIFT * THUMB)
+    return params
+
+
+def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates from the image centre, flattened: (1, side * side) each for y and x."""
+    ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) - (side - 1) / 2
+    return ys.reshape(1, -1), xs.reshape(1, -1)
+
+
+def _sample(images: np.ndarray, xs: np.ndarray, ys: np.ndarray, edge: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear samples of `images` (K, S, S, C) at centred coordinates xs, ys (K, N): (K, N, C), and which lie
+    inside, at least `edge` pixels from the border (the others repeat the border)."""
+    side = images.shape[1]
+    xs, ys = xs + (side - 1) / 2, ys + (side - 1) / 2
+    inside = (xs >= edge) & (xs <= side - 1 - edge) & (ys >= edge) & (ys <= side - 1 - edge)
+    xs, ys = np.clip(xs, 0, side - 1), np.clip(ys, 0, side - 1)
+    x0, y0 = np.minimum(xs.astype(int), side - 2), np.minimum(ys.astype(int), side - 2)
+    fx, fy = (xs - x0)[..., None], (ys - y0)[..., None]
+    k = np.arange(len(images))[:, None]
+    top = images[k, y0, x0] * (1 - fx) + images[k, y0, x0 + 1] * fx
+    bottom = images[k, y0 + 1, x0] * (1 - fx) + images[k, y0 + 1, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy, inside
+
+
+GEOMETRY_COLUMNS = ("original_width", "original_height", "crop_left", "crop_top")
 
 
 class DecodeBatch:
@@ -159,14 +257,15 @@ class DecodeBatch:
         self.resolution = resolution
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"path": [], "image": [], "content_hash": [], "thumbnail": [], "rejected": []}
+        out: dict[str, list] = {"path": [], "image": [], "content_hash": [], "thumbnail": [], "rejected": [],
+                                **{name: [] for name in GEOMETRY_COLUMNS}}
         for path in batch["path"]:
             try:
                 data = Path(path).read_bytes()
             except OSError as err:
-                image, reason = None, f"cannot read file: {err.strerror or err}"
+                image, reason, geometry = None, f"cannot read file: {err.strerror or err}", {}
             else:
-                image, reason = decode_image(data, self.cfg, self.resolution)
+                image, reason, geometry = decode_image(data, self.cfg, self.resolution)
             png, content_hash, thumb = b"", "", b""
             if image is not None:
                 buffer = io.BytesIO()
@@ -179,6 +278,8 @@ class DecodeBatch:
             out["content_hash"].append(content_hash)
             out["thumbnail"].append(thumb)
             out["rejected"].append(reason)
+            for name in GEOMETRY_COLUMNS:
+                out[name].append(geometry.get(name, 0))
         return out
 
 
@@ -227,18 +328,27 @@ def curate_style(style: Style, candidates: list[Candidate], decoded: dict[str, d
                     seen_exact[row["content_hash"]] = rel
                     kept_thumbs.append(thumb)
                     kept_names.append(rel)
+        note = ""
+        if not reason:
+            concept = style.config.concepts[cand.concept]
+            text, source = caption.caption_for(cand.path, row["image"], captioner,
+                                               style.config.caption_template, concept.class_word)
+            try:
+                text, note = caption.fit_caption(text, style.config)
+            except ValueError as err:
+                raise CurationError(f"{style.dir / 'style.yaml'}: {err}") from None
+            if note:
+                print(f"[curate] WARNING {style.name}: {rel}: {note}", flush=True)
         report.append({"style": style.name, "file": rel, "role": cand.role, "concept": cand.concept,
-                       "status": "rejected" if reason else "kept", "reason": reason})
+                       "status": "rejected" if reason else "kept", "reason": reason, "note": note})
         if reason:
             continue
-        concept = style.config.concepts[cand.concept]
-        text, source = caption.caption_for(cand.path, row["image"], captioner,
-                                           style.config.caption_template, concept.class_word)
         kept.append({"style": style.name, "role": cand.role, "concept": cand.concept, "token": concept.token,
                      "class_word": concept.class_word, "caption": text, "caption_source": source,
                      "image": row["image"], "width": resolution, "height": resolution,
+                     **{name: row[name] for name in GEOMETRY_COLUMNS},
                      "content_hash": row["content_hash"], "source_path": rel})
-    report_df = pd.DataFrame(report, columns=["style", "file", "role", "concept", "status", "reason"])
+    report_df = pd.DataFrame(report, columns=["style", "file", "role", "concept", "status", "reason", "note"])
     write_text_atomic(out_dir / f"{style.name}.report.csv", report_df.to_csv(index=False))
     _check_enough(style, report_df, cfg)
     write_parquet_atomic(pa.Table.from_pylist(kept, schema=CURATED_SCHEMA), out_dir / f"{style.name}.parquet")
@@ -283,12 +393,12 @@ def style_fingerprint(style: Style) -> str:
 
 def curate_styles(run: Run) -> None:
     """Curate every live style whose inputs changed since the last run; record each style's outcome."""
-    cfg, resolution = run.config.curate, run.config.model.resolution
+    cfg, resolution = run.config.curate, run.resolution
     out_dir = run.dir / "curated"
     todo = []
     for style in run.live_styles():
         key = sha256_of(style_fingerprint(style), style.config.model_dump(), cfg.model_dump(), resolution,
-                        code_version("curate.py", "caption.py"))
+                        code_version("pipeline.curate"))
         marker = out_dir / f"{style.name}.json"
         if marker.is_file() and json.loads(marker.read_text()).get("key") == key and run.curated(style.name).is_file():
             run.record(style.name, "curate", "reused")

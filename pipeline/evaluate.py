@@ -30,16 +30,20 @@ import ray
 from PIL import Image
 
 from pipeline import metrics
-from pipeline.files import code_version, replace_dir_atomic, sha256_of, write_json_atomic, write_parquet_atomic
-from pipeline.generate import DEFAULT_PROMPTS, TOY_PROMPTS, SampleJob, generate_all, sample_name
-from pipeline.methods import get_method
-from pipeline.models import TINY, TINY_PRETRAINED, base_model_identity, resolve_base_model
+from pipeline.files import (code_version, read_json, replace_dir_atomic, sha256_of, write_json_atomic,
+                            write_parquet_atomic)
+from pipeline.families import FAMILIES
+from pipeline.generate import DEFAULT_PROMPTS, TOY_PROMPTS, generate_all
+from pipeline.methods import METHODS, get_method
+from pipeline.models import PRESETS, base_model_identity
 from pipeline.report import BASE_METHOD, NOISE_FLOOR  # the row names the report reads
 from pipeline.run import Run
+from pipeline.sampling import SAMPLES_MARKER, SampleJob, sample_name
+from pipeline.train_job import MODEL_CARD
 
 RESULTS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("style", pa.string()), ("display_name", pa.string()), ("method", pa.string()),
-    ("tokens", pa.string()), ("base_model", pa.string()), ("prompt", pa.string()),
+    ("tokens", pa.string()), ("base_model", pa.string()), ("family", pa.string()), ("prompt", pa.string()),
     ("n_images", pa.int32()), ("n_reference", pa.int32()), ("seeds", pa.list_(pa.int64())),
     ("fid", pa.float64()), ("kid", pa.float64()), ("kid_std", pa.float64()),
     ("kid_ci_low", pa.float64()), ("kid_ci_high", pa.float64()),
@@ -62,13 +66,14 @@ FEATURES_SCHEMA = pa.schema([
     ("prompt_index", pa.int32()), ("seed", pa.int64()), ("backbone", pa.string()),
     ("feature", pa.list_(pa.float32())),
 ])
+SCORES_DIR = "scores"  # per style: the rows and features that results.parquet and features.parquet gather
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip_torch", "pyarrow", "scipy")
 
 
 def content_prompts(run: Run) -> list[str]:
     if run.config.evaluate.prompts:
         return run.config.evaluate.prompts
-    return TOY_PROMPTS if run.config.model.base in (TINY, TINY_PRETRAINED) else DEFAULT_PROMPTS
+    return TOY_PROMPTS if run.config.model.base in PRESETS else DEFAULT_PROMPTS
 
 
 def base_prompt(content: str, descriptor: str) -> str:
@@ -80,24 +85,26 @@ def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJo
     """One job per style for the base model and one per trained (style, method) -> model folder."""
     cfg = run.config.evaluate
     contents = content_prompts(run)
-    base = resolve_base_model(run.config.model.base, run.base_models_dir)
-    protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.config.model.resolution]
+    base, family = run.base_model, run.family
+    protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.resolution]
     jobs = []
     for style in run.live_styles():
         base_prompts = [base_prompt(c, style.config.descriptor) for c in contents]
         models = {BASE_METHOD: ("", base_prompts, base_model_identity(base))}
         for (name, method), model_dir in trained.items():
             if name == style.name:
-                card = json.loads((Path(model_dir) / "model_card.json").read_text())
+                card = read_json(Path(model_dir) / MODEL_CARD)
                 prompts = [get_method(method).eval_prompt(c, style.config) for c in contents]
                 models[method] = (model_dir, prompts, card["key"])
         for method, (model_dir, prompts, model_key) in models.items():
+            # the code that draws the images: the stage, the family's pipeline, the method's sampler if any
+            code = code_version("pipeline.generate", FAMILIES[family].__module__,
+                                *([METHODS[method].__module__] if model_dir else []))
             jobs.append(SampleJob(
-                style=style.name, method=method, base_model=base, model_dir=model_dir, prompts=prompts,
-                seeds=cfg.seeds,
-                out_dir=str(run.samples_dir(style.name, method)),
-                key=sha256_of(model_key, prompts, protocol, code_version("generate.py", "models.py")),
-                resolution=run.config.model.resolution, num_inference_steps=cfg.num_inference_steps,
+                style=style.name, method=method, family=family, base_model=base, model_dir=model_dir,
+                prompts=prompts, seeds=cfg.seeds, out_dir=str(run.samples_dir(style.name, method)),
+                key=sha256_of(model_key, prompts, protocol, code),
+                resolution=run.resolution, num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale))
     return jobs
 
@@ -287,8 +294,8 @@ def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None
 
 def record_metrics_in_card(model_dir: Path, row: dict) -> None:
     """The model card travels with the model: it carries the latest evaluation of it."""
-    card_path = model_dir / "model_card.json"
-    card = json.loads(card_path.read_text())
+    card_path = model_dir / MODEL_CARD
+    card = read_json(card_path)
     card["metrics"] = {k: row[k] for k in (
         "run_id", "n_images", "n_reference", "fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high",
         "kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high",
@@ -327,9 +334,8 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
         return None
     scores, features = ray.get(score_models.remote(entries, cfg.model_dump(), run.config.model.models_dir,
                                                    run.config.name, str(run.dir)))
-    write_parquet_atomic(pa.Table.from_pylist(features, schema=FEATURES_SCHEMA), run.dir / "features.parquet")
     versions = json.dumps({"python": platform.python_version(), **{p: version(p) for p in PACKAGES}})
-    run_fields = {"run_id": run.config.name, "base_model": run.config.model.base,
+    run_fields = {"run_id": run.config.name, "base_model": run.config.model.base, "family": run.family,
                   "config_hash": run.config.digest()[:16], "versions": versions,
                   "created_at": datetime.now(timezone.utc)}
     styles = {s.name: s for s in run.styles}
@@ -360,7 +366,9 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
         run.record(job.style, f"evaluate:{job.method}", "ok")
         if job.model_dir:
             record_metrics_in_card(Path(job.model_dir), rows[-1])
-    if all(row["method"] == NOISE_FLOOR for row in rows):
+    write_style_scores(run, rows, features, by_key)
+    table, features_table = assemble_scores(run)
+    if table is None or all(method == NOISE_FLOOR for method in table.column("method").to_pylist()):
         return None
     if not all(row["backbones_real"] for row in rows):
         print(f"[evaluate] WARNING: metrics use the toy backbone ({rows[0]['inception_backbone']}, "
@@ -369,10 +377,54 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     # The whole protocol, beside the rows: what any reader needs to reproduce or compare the numbers.
     protocol = {"prompts": contents, "seeds": cfg.seeds, "sampler": "DDIM",
                 "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-                "resolution": run.config.model.resolution, "base_model": run.config.model.base, "kid_seed": cfg.kid_seed,
+                "resolution": run.resolution, "family": run.family, "base_model": run.config.model.base,
+                "kid_seed": cfg.kid_seed,
                 "backbone_sha256": json.loads(rows[0]["backbone_sha256"]), "versions": json.loads(versions)}
-    table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
     table = table.replace_schema_metadata({"style_factory_protocol": json.dumps(protocol)})
+    write_parquet_atomic(features_table, run.dir / "features.parquet")
     path = run.dir / "results.parquet"
     write_parquet_atomic(table, path)
     return path
+
+
+def write_style_scores(run: Run, rows: list[dict], features: list[dict],
+                       jobs: dict[tuple[str, str], SampleJob]) -> None:
+    """Each scored style's rows and features in `scores/<style>.parquet` and `scores/<style>.features.parquet`,
+    with the keys of the samples they were scored on: a later command narrowed to other styles keeps them."""
+    for style in dict.fromkeys(row["style"] for row in rows):
+        keys = {method: job.key for (name, method), job in jobs.items() if name == style}
+        table = pa.Table.from_pylist([r for r in rows if r["style"] == style], schema=RESULTS_SCHEMA)
+        write_parquet_atomic(table.replace_schema_metadata({"sample_keys": json.dumps(keys)}),
+                             run.dir / SCORES_DIR / f"{style}.parquet")
+        write_parquet_atomic(pa.Table.from_pylist([f for f in features if f["style"] == style],
+                                                  schema=FEATURES_SCHEMA),
+                             run.dir / SCORES_DIR / f"{style}.features.parquet")
+
+
+def assemble_scores(run: Run) -> tuple[pa.Table | None, pa.Table | None]:
+    """Every style's scores that are still current (its samples are those it was scored on), in style order:
+    the run folder's results and features tables, whichever commands scored them."""
+    tables, features = [], []
+    for path in sorted((run.dir / SCORES_DIR).glob("*.parquet")):
+        if path.name.endswith(".features.parquet"):
+            continue
+        style = path.stem
+        try:
+            table = pq.read_table(path)
+            keys = json.loads(table.schema.metadata[b"sample_keys"])
+            style_features = pq.read_table(path.with_name(f"{style}.features.parquet"))
+        except (OSError, KeyError, ValueError, pa.ArrowException) as err:
+            print(f"[evaluate] {style}: scores {path} cannot be read ({type(err).__name__}: {err}); left out until "
+                  "the style is evaluated again", flush=True)
+            continue
+        changed = [method for method, key in keys.items()
+                   if (read_json(run.samples_dir(style, method) / SAMPLES_MARKER) or {}).get("key") != key]
+        if changed:
+            print(f"[evaluate] {style}: scores left out, the samples of {changed} changed since they were scored; "
+                  "evaluate the style again", flush=True)
+            continue
+        tables.append(table.replace_schema_metadata(None))
+        features.append(style_features.replace_schema_metadata(None))
+    if not tables:
+        return None, None
+    return pa.concat_tables(tables), pa.concat_tables(features)

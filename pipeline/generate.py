@@ -1,20 +1,21 @@
-"""Generate: fixed content prompts x fixed seeds for every model, with Ray Data on an actor pool, into PNG files.
+"""Generate: fixed content prompts x fixed seeds for every model, with Ray Data on an actor pool, into PNG files
+(each image through pipeline/sampling.py).
 
 `samples/<style>/<method>/p{prompt:03d}_s{seed}.png`, identical prompts, seeds, sampler and
 resolution for every model of a run, so grids and metrics compare like with like.
 """
 from __future__ import annotations
 
-import json
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from pipeline.files import replace_dir_atomic, write_json_atomic
+from pipeline.families import get_family
+from pipeline.files import replace_dir_atomic
+from pipeline.methods import get_method
+from pipeline.sampling import SampleJob, sample_name, sample_prompt, seal_samples
 
 # Default content prompts for real base models: objects, scenes and people, no style words (the method adds its own).
 DEFAULT_PROMPTS = [
@@ -73,68 +74,12 @@ TOY_PROMPTS = [
 ]
 
 
-@dataclass
-class SampleJob:
-    style: str
-    method: str  # "base" for the untuned model
-    base_model: str  # diffusers folder or hub id
-    model_dir: str  # the method's exported model ("" for base)
-    prompts: list[str]  # full prompts, one per content prompt, in order
-    seeds: list[int]
-    out_dir: str
-    key: str
-    resolution: int
-    num_inference_steps: int
-    guidance_scale: float
-
-    def is_done(self) -> bool:
-        marker = Path(self.out_dir) / "samples.json"
-        return marker.is_file() and json.loads(marker.read_text()).get("key") == self.key
-
-
-def sample_seed(prompt_index: int, seed: int) -> int:
-    """The generator seed of one image: a function of the prompt and the run's seed only, not the model."""
-    return seed * 100_003 + prompt_index
-
-
-def sample_name(prompt_index: int, seed: int) -> str:
-    return f"p{prompt_index:03d}_s{seed}.png"
-
-
 def load_sampling_pipeline(job: SampleJob, device: str):
-    from pipeline.methods import get_method
-    from pipeline.models import load_pipeline
-
+    """The job's model ready to sample: the untuned base, or what its method exported, on its family's pipeline."""
+    family = get_family(job.family)
     if not job.model_dir:  # the untuned base: nothing to load on top of it
-        return load_pipeline(job.base_model, device)
-    return get_method(job.method).load_for_sampling(job.base_model, job.model_dir, device)
-
-
-def sample_prompt(pipe, job: SampleJob, prompt_index: int) -> list:
-    """One prompt, every seed, in one batch: image i comes from generator seed sample_seed(prompt_index, seeds[i])."""
-    generators = [torch.Generator().manual_seed(sample_seed(prompt_index, s)) for s in job.seeds]
-    return pipe([job.prompts[prompt_index]] * len(job.seeds), generator=generators, height=job.resolution,
-                width=job.resolution, num_inference_steps=job.num_inference_steps,
-                guidance_scale=job.guidance_scale).images
-
-
-def manifest(job: SampleJob) -> dict:
-    return {"key": job.key, "base_model": job.base_model, "model_dir": job.model_dir, "prompts": job.prompts,
-            "seeds": job.seeds, "sampler": "DDIM", "num_inference_steps": job.num_inference_steps,
-            "guidance_scale": job.guidance_scale, "resolution": job.resolution}
-
-
-def generate_images(job: SampleJob, device: str = "cpu") -> None:
-    """Sample every prompt x seed in this process with one loaded pipeline; the folder appears whole or not at all."""
-    pipe = load_sampling_pipeline(job, device)
-    out = Path(job.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    for index in range(len(job.prompts)):
-        for seed, image in zip(job.seeds, sample_prompt(pipe, job, index)):
-            image.save(tmp / sample_name(index, seed))
-    write_json_atomic(tmp / "samples.json", manifest(job))
-    replace_dir_atomic(tmp, out)
+        return family.load_pipeline(job.base_model, device)
+    return get_method(job.method).load_for_sampling(family, job.base_model, job.model_dir, device)
 
 
 def partial_dir(job: SampleJob) -> Path:
@@ -208,6 +153,6 @@ def generate_all(jobs: list[SampleJob], gpus_per_task: float = 0) -> dict[tuple[
         if (job.style, job.method) in failures:
             continue
         folder = partial_dir(job)
-        write_json_atomic(folder / "samples.json", manifest(job))
+        seal_samples(folder, job)
         replace_dir_atomic(folder, Path(job.out_dir))
     return failures

@@ -45,7 +45,10 @@ from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from pipeline import models, toyworld
+from pipeline import toyworld
+from pipeline.families.base import SD_SCHEDULE, clip_tokenizer
+from pipeline.families.sd1 import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+from pipeline.models import TINY_PRETRAINED_DIR_NAME
 from pipeline.backbones import ATTRIBUTES, TOY_CLIP_VISION, ToyClip, attribute_targets
 from pipeline.renderers import RENDERERS
 
@@ -204,7 +207,7 @@ def train_clip(data: ToyData, tokenizer: CLIPTokenizer, cfg: PretrainConfig, log
                device: torch.device = CPU) -> ToyClip:
     torch.manual_seed(cfg.seed)
     vision = TOY_CLIP_VISION | {"patch_size": cfg.clip_patch_size}
-    config = CLIPConfig(text_config=models.TINY_TEXT_ENCODER, vision_config=vision, projection_dim=64)
+    config = CLIPConfig(text_config=TINY_TEXT_ENCODER, vision_config=vision, projection_dim=64)
     toy = ToyClip(CLIPModel(config)).to(device)
     # Captions fit in 32 tokens; the pooled feature is read at the first end token and the mask is causal, so
     # this equals padding to 77 at a third of the cost.
@@ -237,7 +240,7 @@ def train_clip(data: ToyData, tokenizer: CLIPTokenizer, cfg: PretrainConfig, log
 def train_vae(data: ToyData, cfg: PretrainConfig, log: Log,
               device: torch.device = CPU) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(**models.TINY_VAE).to(device)
+    vae = AutoencoderKL(**TINY_VAE).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
     generator = np.random.default_rng(cfg.seed + 1)
     vae.train()
@@ -284,9 +287,9 @@ def train_unet(plain: ToyData, vae: AutoencoderKL, text_encoder: CLIPTextModel, 
     log(f"unet: cached {len(latents)} latents and {len(unique_captions)} caption states")
 
     torch.manual_seed(cfg.seed)
-    unet = UNet2DConditionModel(**models.TINY_UNET).to(device)
+    unet = UNet2DConditionModel(**TINY_UNET).to(device)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    scheduler = DDPMScheduler(**{k: v for k, v in models.SD_SCHEDULE.items() if k != "set_alpha_to_one"})
+    scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"})
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_learning_rate, weight_decay=0.01)
     # every random draw on the CPU, so a GPU run sees the very batches, noise and timesteps a CPU run sees
     generator = torch.Generator().manual_seed(cfg.seed + 2)
@@ -312,7 +315,7 @@ def train_unet(plain: ToyData, vae: AutoencoderKL, text_encoder: CLIPTextModel, 
         if step % 100 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}: loss {loss.item():.4f}")
         if (step + 1) % 500 == 0:  # a usable model at any time, should the run be cut short
-            snapshot = UNet2DConditionModel(**models.TINY_UNET)
+            snapshot = UNet2DConditionModel(**TINY_UNET)
             ema.copy_to(snapshot.parameters())
             snapshot.save_pretrained(snapshot_dir / "unet-ema")
     ema.copy_to(unet.parameters())
@@ -323,7 +326,7 @@ def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer
                       unet: UNet2DConditionModel) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**models.SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -408,7 +411,7 @@ def vae_phase(mixed: ToyData, cfg: PretrainConfig, work_dir: Path, log: Log,
     if (seconds := stored_phase_seconds(folder, cfg, "vae")) is not None:
         log(f"vae: loaded from {folder}")
         # built from the preset, not `from_pretrained`, which would record the work folder in the shipped config
-        vae = AutoencoderKL(**models.TINY_VAE)
+        vae = AutoencoderKL(**TINY_VAE)
         vae.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
         vae.register_to_config(scaling_factor=json.loads((folder / "config.json").read_text())["scaling_factor"])
         return vae.eval(), seconds
@@ -429,7 +432,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, work_dir: Path, only: str | Non
     log = Log(work_dir / "pretrain.log")
     device = training_device()
     torch.manual_seed(cfg.seed)
-    tokenizer = models.clip_tokenizer()
+    tokenizer = clip_tokenizer()
     plain, mixed = build_data(cfg)
     log(f"data: {len(plain.images)} plain, {len(mixed.images)} mixed images; training on {device}")
     if only == "clip":
@@ -462,7 +465,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, work_dir: Path, only: str | Non
                                                       cfg.eval_guidance),
     }
     log(json.dumps(card, indent=1))
-    pipeline_dir, backbone_dir = out_dir / models.TINY_PRETRAINED_DIR_NAME, out_dir / "toy-clip"
+    pipeline_dir, backbone_dir = out_dir / TINY_PRETRAINED_DIR_NAME, out_dir / "toy-clip"
     pipe.to("cpu").save_pretrained(pipeline_dir, safe_serialization=True)
     toy.cpu().save(backbone_dir)
     (pipeline_dir / "training.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")

@@ -15,18 +15,20 @@ from pathlib import Path
 import ray
 import torch
 
+from pipeline.families import get_family
 from pipeline.files import sha256_of, write_json_atomic
-from pipeline.methods import ClassImages, get_method
-from pipeline.models import base_model_identity, load_pipeline, resolve_base_model
+from pipeline.methods import get_method
+from pipeline.methods.base import ClassImages
+from pipeline.models import base_model_identity
 from pipeline.run import Run
+from pipeline.sampling import sample
 
 BATCH_SIZE = 8  # images per pipeline call
 
 
 def class_image_dir(run: Run, request: ClassImages) -> Path:
     """The cache folder of one set, keyed by everything that decides its pixels."""
-    base = resolve_base_model(run.config.model.base, run.base_models_dir)
-    key = sha256_of(base_model_identity(base), run.config.model.resolution, asdict(request))
+    key = sha256_of(base_model_identity(run.base_model), run.resolution, asdict(request))
     return Path(run.config.results_dir).resolve() / "class-images" / key[:16]
 
 
@@ -40,18 +42,17 @@ def plan_class_images(run: Run) -> dict[Path, ClassImages]:
     return wanted
 
 
-def write_class_images(base_model: str, resolution: int, request: ClassImages, folder: Path,
+def write_class_images(family: str, base_model: str, resolution: int, request: ClassImages, folder: Path,
                        device: str = "cpu") -> None:
     """Generate one set with one loaded pipeline; the folder appears whole, once (a concurrent twin is dropped)."""
-    pipe = load_pipeline(base_model, device)
+    pipe = get_family(family).load_pipeline(base_model, device)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     files = []
     for start in range(0, request.count, BATCH_SIZE):
         seeds = range(start, min(start + BATCH_SIZE, request.count))  # image i is seed i: reproducible sets
-        images = pipe([request.prompt] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
-                      height=resolution, width=resolution, num_inference_steps=request.num_inference_steps,
-                      guidance_scale=request.guidance_scale).images
+        images = sample(pipe, [request.prompt] * len(seeds), list(seeds), resolution, request.num_inference_steps,
+                        request.guidance_scale)
         for seed, image in zip(seeds, images):
             image.save(tmp / f"{seed:05d}.png")
             files.append(f"{seed:05d}.png")
@@ -64,9 +65,10 @@ def write_class_images(base_model: str, resolution: int, request: ClassImages, f
 
 
 @ray.remote(num_cpus=1)
-def class_image_task(base_model: str, resolution: int, request: ClassImages, folder: str) -> str:
+def class_image_task(family: str, base_model: str, resolution: int, request: ClassImages, folder: str) -> str:
     torch.set_num_threads(1)
-    write_class_images(base_model, resolution, request, Path(folder), "cuda" if torch.cuda.is_available() else "cpu")
+    write_class_images(family, base_model, resolution, request, Path(folder),
+                       "cuda" if torch.cuda.is_available() else "cpu")
     return folder
 
 
@@ -75,12 +77,11 @@ def generate_class_images(run: Run) -> list[Path]:
 
     A set that fails is reported here; the styles needing it then fail their training with the missing folder.
     """
-    base = resolve_base_model(run.config.model.base, run.base_models_dir)
     gpus = run.config.evaluate.gpus_per_task
     task = class_image_task.options(num_gpus=gpus) if gpus else class_image_task
     missing = {folder: request for folder, request in plan_class_images(run).items()
                if not (folder / "manifest.json").is_file()}
-    pending = {task.remote(base, run.config.model.resolution, request, str(folder)): folder
+    pending = {task.remote(run.family, run.base_model, run.resolution, request, str(folder)): folder
                for folder, request in missing.items()}
     generated = []
     for ref, folder in pending.items():

@@ -231,9 +231,11 @@ def img_tag(src: str, alt: str, css_class: str) -> str:
 def header_html(results: pd.DataFrame, prompts: list[dict]) -> str:
     run_id = distinct_text(results["run_id"])
     seeds = sorted({int(seed) for row_seeds in results["seeds"] for seed in row_seeds})
+    families = results["family"].dropna() if "family" in results else pd.Series(dtype=str)  # older tables lack it
+    family = f" (family {esc(distinct_text(families))})" if len(families) else ""
     lines = [
         f"<h1>Style Factory report: {esc(run_id)}</h1>",
-        f'<p class="muted">Base model <code>{esc(distinct_text(results["base_model"]))}</code>'
+        f'<p class="muted">Base model <code>{esc(distinct_text(results["base_model"]))}</code>{family}'
         f" · evaluated {esc(results['created_at'].max())}"
         f" · config <code>{esc(distinct_text(results['config_hash']))}</code></p>",
     ]

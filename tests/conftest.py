@@ -9,6 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.families import get_family
 from pipeline.models import resolve_base_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,16 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return resolve_base_model("tiny", tmp_path_factory.mktemp("base-models"))
+
+
+def load_sd1(path: str):
+    """The training Components of an SD 1.x folder (the tiny presets are SD 1.x)."""
+    return get_family("sd1").load_components(path)
+
+
+def load_sd1_pipeline(path: str, device: str = "cpu"):
+    """The DDIM sampling pipeline of an SD 1.x folder."""
+    return get_family("sd1").load_pipeline(path, device)
 
 
 def noise_image(seed: int, size: tuple[int, int] = (80, 80), mode: str = "RGB") -> Image.Image:

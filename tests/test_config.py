@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, RunConfig, TrainConfig, load_run_config, load_style, load_styles
+from pipeline.run import REGISTRY
 from tests.conftest import REPO, make_style
 
 
@@ -15,11 +16,11 @@ def write(path: Path, text: str) -> Path:
 
 def test_example_styles_and_configs_are_valid():
     run = RunConfig()
-    styles = load_styles(run.model_copy(update={"styles_dir": str(REPO / "styles")}))
+    styles = load_styles(run.model_copy(update={"styles_dir": str(REPO / "styles")}), REGISTRY)
     assert {s.name for s in styles} == {"realism", "anime", "romanticism", "cubism", "pixel-art", "watercolor"}
     assert any(len(s.config.concepts) > 1 for s in styles)  # a Multi-StyleBoost example
-    assert load_run_config(REPO / "configs" / "tiny-demo.yaml") == RunConfig()
-    assert load_run_config(REPO / "configs" / "sd15-gpu.yaml").model.base == "runwayml/stable-diffusion-v1-5"
+    assert load_run_config(REPO / "configs" / "tiny-demo.yaml", REGISTRY) == RunConfig()
+    assert load_run_config(REPO / "configs" / "sd15-gpu.yaml", REGISTRY).model.base == "runwayml/stable-diffusion-v1-5"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,13 +43,13 @@ def test_example_styles_and_configs_are_valid():
 def test_run_config_errors_name_file_and_field(tmp_path, text, expected):
     path = write(tmp_path / "run.yaml", text)
     with pytest.raises(ConfigError) as err:
-        load_run_config(path)
+        load_run_config(path, REGISTRY)
     assert str(path) in str(err.value) and expected in str(err.value)
 
 
 def test_missing_run_config_is_named(tmp_path):
     with pytest.raises(ConfigError, match="run config not found"):
-        load_run_config(tmp_path / "nope.yaml")
+        load_run_config(tmp_path / "nope.yaml", REGISTRY)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -68,31 +69,31 @@ def test_style_config_errors(tmp_path, change, expected):
     config.update(change)
     (style / "style.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError) as err:
-        load_style(style)
+        load_style(style, REGISTRY)
     assert str(style / "style.yaml") in str(err.value) and expected in str(err.value)
 
 
 def test_unsafe_style_folder_name_and_token_collisions(tmp_path):
     make_style(tmp_path, "Bad Name", "abc")
     with pytest.raises(ConfigError, match="not a safe name"):
-        load_style(tmp_path / "Bad Name")
+        load_style(tmp_path / "Bad Name", REGISTRY)
     root = tmp_path / "styles"
     make_style(root, "one", "zwx")
     make_style(root, "two", "zwx")
     with pytest.raises(ConfigError, match="token 'zwx' is also used by style 'one'"):
-        load_styles(RunConfig(styles_dir=str(root)))
+        load_styles(RunConfig(styles_dir=str(root)), REGISTRY)
     with pytest.raises(ConfigError, match=r"no style folder with a style.yaml for \['three'\]"):
-        load_styles(RunConfig(styles_dir=str(root)), ["three"])
+        load_styles(RunConfig(styles_dir=str(root)), REGISTRY, ["three"])
 
 
 def test_style_train_overrides_merge_over_the_run(tmp_path):
-    style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7}))
+    style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7}), REGISTRY)
     merged = style.train_config(RunConfig(train=TrainConfig(batch_size=3)), "styleboost")
     assert (merged.max_steps, merged.batch_size) == (7, 3)
 
 
 def test_per_method_overrides_apply_last_and_only_to_their_method(tmp_path):
-    style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7, "learning_rate": 2e-4}))
+    style = load_style(make_style(tmp_path, "s", "zwx", train={"max_steps": 7, "learning_rate": 2e-4}), REGISTRY)
     run = RunConfig(train=TrainConfig(
         batch_size=3, per_method={"dreambooth": {"learning_rate": 5e-5, "batch_size": 1}},
         method_options={"dreambooth": {"num_class_images": 4}, "styledrop": {"rank": 2}}))
@@ -104,3 +105,44 @@ def test_per_method_overrides_apply_last_and_only_to_their_method(tmp_path):
     # another method's settings leave a job's settings, and so its key, as they were
     other = RunConfig(train=TrainConfig(batch_size=3, per_method={"dreambooth": {"learning_rate": 1e-6}}))
     assert style.train_config(other, "styleboost") == styleboost
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    make_style(project / "styles", "mystyle", "zwx")
+    (project / "models" / "sd").mkdir(parents=True)
+    write(project / "run.yaml", "styles_dir: styles\nresults_dir: ../out\n"
+          "model: {base: ./models/sd, models_dir: weights}\ncurate: {captioner: ./models/blip}\n"
+          "evaluate: {inception: w/inception-2015-12-05.pt, clip: 'ViT-B-32:w/clip.safetensors', dino: ~/dino.st}\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    run = load_run_config("../project/run.yaml", REGISTRY)
+    assert (run.styles_dir, run.results_dir) == (str(project / "styles"), str(tmp_path / "out"))
+    assert (run.model.base, run.model.models_dir) == (str(project / "models" / "sd"), str(project / "weights"))
+    assert run.curate.captioner == str(project / "models" / "blip")
+    assert run.evaluate.inception == str(project / "w" / "inception-2015-12-05.pt")
+    assert run.evaluate.clip == f"ViT-B-32:{project / 'w' / 'clip.safetensors'}"
+    assert run.evaluate.dino == str(Path("~/dino.st").expanduser())
+    assert [style.name for style in load_styles(run, REGISTRY)] == ["mystyle"]
+
+
+def test_fields_a_config_file_leaves_out_stay_relative_to_the_current_directory(tmp_path, monkeypatch):
+    run = load_run_config(write(tmp_path / "run.yaml", "name: x\nmodel: {base: runwayml/stable-diffusion-v1-5}\n"),
+                          REGISTRY)
+    assert (run.styles_dir, run.results_dir, run.model.base) == ("styles", "results", "runwayml/stable-diffusion-v1-5")
+    monkeypatch.chdir(REPO)  # as under make: configs/all-methods.yaml sets no styles_dir, so ./styles serves
+    run = load_run_config("configs/all-methods.yaml", REGISTRY)
+    assert run.styles_dir == "styles" and len(load_styles(run, REGISTRY)) == 6
+
+
+@pytest.mark.parametrize("text, field, problem", [
+    ("styles_dir: nope", "styles_dir", "folder {} does not exist"),
+    ("model: {base: ./nope}", "model.base", "local diffusers folder {} does not exist"),
+])
+def test_missing_folders_are_named_with_the_file_and_the_field(tmp_path, monkeypatch, text, field, problem):
+    config = write(tmp_path / "run.yaml", text)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(config, REGISTRY)
+    assert str(err.value) == f"{config}: {field}: " + problem.format(tmp_path / "nope")

@@ -20,8 +20,8 @@ from PIL import Image
 from pipeline import caption
 from pipeline.config import CurateConfig, RunConfig, load_style, load_styles
 from pipeline.curate import _to_rgb, curate_styles, decode_image, list_candidates, style_fingerprint
-from pipeline.methods import StyleData
-from pipeline.run import Run
+from pipeline.data import StyleData
+from pipeline.run import REGISTRY, Run
 from tests.conftest import make_style, noise_image
 
 CFG = CurateConfig()
@@ -119,14 +119,14 @@ def half(data: bytes) -> bytes:
 
 def kept(data: bytes, cfg: CurateConfig = CFG) -> np.ndarray:
     """Decode what must be kept; the output is always an RGB square at the run resolution."""
-    image, reason = decode_image(data, cfg, RES)
+    image, reason, _ = decode_image(data, cfg, RES)
     assert reason == "" and image is not None
     assert image.mode == "RGB" and image.size == (RES, RES)
     return np.asarray(image, dtype=np.int16)
 
 
 def rejected(data: bytes, cfg: CurateConfig = CFG) -> str:
-    image, reason = decode_image(data, cfg, RES)
+    image, reason, _ = decode_image(data, cfg, RES)
     assert image is None and reason
     return reason
 
@@ -237,7 +237,7 @@ def add_odd_entries(ref: Path, outside: Path) -> dict[str, str]:
 def test_listing_prerejects_what_cannot_be_an_image(tmp_path: Path, deadline):
     style_dir = make_style(tmp_path, "odd", "<odd>", n_ref=2, n_aux=1)
     expected = add_odd_entries(style_dir / "ref", tmp_path / "outside.png")
-    style = load_style(style_dir)
+    style = load_style(style_dir, REGISTRY)
     verdicts = {c.path.name: c.rejected for c in list_candidates(style)}
     assert set(verdicts) == set(expected) | {"ref_00.png", "ref_01.png", "aux_00.png"}  # no .txt sidecars
     for name, reason in expected.items():
@@ -345,7 +345,7 @@ def test_curate_styles_end_to_end(tmp_path: Path, ray_session, deadline):
     few = make_style(styles_dir, "few", "<few>", n_ref=3, n_aux=1, seed=2)
     (few / "ref" / "ref_02.png").write_bytes(half((few / "ref" / "ref_02.png").read_bytes()))
     config = RunConfig(styles_dir=str(styles_dir), results_dir=str(tmp_path / "results"), name="t")
-    run = Run(config=config, styles=load_styles(config))
+    run = Run(config=config, styles=load_styles(config, REGISTRY))
 
     curate_styles(run)
 
@@ -376,16 +376,16 @@ def test_curate_styles_end_to_end(tmp_path: Path, ray_session, deadline):
     assert captions["ref/été 1.png"] == ("an image", "template")
     for png in table.image:
         image = Image.open(io.BytesIO(png))
-        assert image.mode == "RGB" and image.size == (config.model.resolution, config.model.resolution)
+        assert image.mode == "RGB" and image.size == (run.resolution, run.resolution)
 
     written = run.curated("mixed").stat().st_mtime_ns
-    again = Run(config=config, styles=load_styles(config, ["mixed"]))
+    again = Run(config=config, styles=load_styles(config, REGISTRY, ["mixed"]))
     curate_styles(again)
     assert again.outcomes == {"mixed": {"curate": "reused"}}
     assert run.curated("mixed").stat().st_mtime_ns == written
 
     os.utime(styles_dir / "mixed" / "ref" / "ref_03.png")  # touched: now
-    touched = Run(config=config, styles=load_styles(config, ["mixed"]))
+    touched = Run(config=config, styles=load_styles(config, REGISTRY, ["mixed"]))
     curate_styles(touched)
     assert touched.outcomes == {"mixed": {"curate": "ok"}}
     assert run.curated("mixed").stat().st_mtime_ns != written

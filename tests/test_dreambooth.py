@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from pipeline.config import RunConfig, TrainConfig, load_styles
 from pipeline.curate import curate_styles
-from pipeline.methods import StyleData, get_method
+from pipeline.data import StyleData
+from pipeline.methods import get_method
 from pipeline.priors import generate_class_images, plan_class_images
-from pipeline.run import Run
+from pipeline.run import REGISTRY, Run
 from pipeline.train import plan_training, train_styles
 from tests.conftest import make_style
 
@@ -25,7 +26,7 @@ def make_run(root: Path, styles: list[str], **dreambooth) -> Run:
                        methods=["dreambooth"], baselines=[], styles=styles,
                        train={"max_steps": 2, "checkpoint_every": 2, "train_text_encoder": False,
                               "method_options": {"dreambooth": {**CLASS_IMAGES, **dreambooth}}})
-    return Run(config=config, styles=load_styles(config))
+    return Run(config=config, styles=load_styles(config, REGISTRY))
 
 
 @pytest.fixture(scope="module")

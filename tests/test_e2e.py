@@ -134,11 +134,13 @@ def test_fan_out_keeps_no_more_trainings_in_flight_than_the_cluster_runs(ray_ses
     from dataclasses import replace
 
     from pipeline.config import TrainConfig
-    from pipeline.train import TrainJob, trainings_that_fit
+    from pipeline.train import trainings_that_fit
+    from pipeline.train_job import TrainJob
 
     cpus = ray_session.cluster_resources()["CPU"]
-    job = TrainJob(style="s", method="styleboost", key="k", base_model="", curated_path="", model_dir="",
-                   log_path="", storage_path="", style_config={}, train=TrainConfig(cpus_per_worker=1).model_dump())
+    job = TrainJob(style="s", method="styleboost", family="sd1", key="k", base_model="", curated_path="",
+                   model_dir="", log_path="", storage_path="", style_config={},
+                   train=TrainConfig(cpus_per_worker=1).model_dump())
     assert trainings_that_fit([job]) == int(cpus)
     two_cpus = replace(job, train=TrainConfig(cpus_per_worker=2).model_dump())
     assert trainings_that_fit([job, two_cpus]) == max(1, int(cpus // 2))  # the largest job sets the pace

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from pipeline.config import RunConfig, TrainConfig, load_styles
 from pipeline.curate import curate_styles
-from pipeline.run import Run
-from pipeline.train import TrainJob, group_jobs, group_name, plan_training, train_all
+from pipeline.run import REGISTRY, Run
+from pipeline.train import group_jobs, group_name, plan_training, train_all
+from pipeline.train_job import TrainJob
 from tests.conftest import make_style
 
 
@@ -22,8 +23,8 @@ def job(style: str, steps: int = 10, done: bool = False, tmp: Path | None = None
         (tmp / style).mkdir(parents=True)
         (tmp / style / "model_card.json").write_text(json.dumps({"key": f"key-{style}"}))
         model_dir = str(tmp / style)
-    return TrainJob(style=style, method="styleboost", key=f"key-{style}", base_model="base", curated_path="",
-                    model_dir=model_dir, log_path="", storage_path="", style_config={},
+    return TrainJob(style=style, method="styleboost", family="sd1", key=f"key-{style}", base_model="base",
+                    curated_path="", model_dir=model_dir, log_path="", storage_path="", style_config={},
                     train=TrainConfig(max_steps=steps, **train).model_dump())
 
 
@@ -64,7 +65,7 @@ def warm_and_alone(ray_session, tmp_path_factory):
     make_style(root / "styles", "beta", "ukj", seed=1)
     config = RunConfig(name="warm", styles_dir=str(root / "styles"), results_dir=str(root / "results"),
                        baselines=[], train=TrainConfig(max_steps=6, checkpoint_every=3))
-    run = Run(config=config, styles=load_styles(config))
+    run = Run(config=config, styles=load_styles(config, REGISTRY))
     curate_styles(run)
     alpha, beta = plan_training(run)
     together = train_all([alpha, beta], max_concurrent=1)

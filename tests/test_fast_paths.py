@@ -12,25 +12,33 @@ from diffusers.models.attention_processor import AttnProcessor
 from pydantic import ValidationError
 
 from pipeline.config import ConfigError, TrainConfig, load_run_config
+from pipeline.families.base import Conditioning
+from pipeline.loop import (VIEW_OPS, apply_fast_paths, build_optimizer, denoising_loss, encode_latent_cache,
+                           optimisation_step, step_generator, stored_latent_cache, training_step)
 from pipeline.methods import get_method
-from pipeline.models import load_components
-from pipeline.train import (FROZEN_PROMPT_EMBEDDINGS, VIEW_OPS, apply_fast_paths, build_optimizer, denoising_loss,
-                            TrainJob, encode_latent_cache, encode_prompts, optimisation_step, step_generator,
-                            stored_latent_cache, training_step)
+from pipeline.run import REGISTRY
+from pipeline.train_job import TrainJob
+from tests.conftest import load_sd1
 from tests.test_train import toy_data
 
 CPU = torch.device("cpu")
 
 
 def fresh_text_embeddings(models, prompts: list[str]) -> torch.Tensor:
-    ids = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids
+    tokenizer = models.tokenizers["tokenizer"]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        return models.text_encoder(ids)[0]
+        return models.text_encoders["text_encoder"](ids)[0]
+
+
+def encode_prompts(models, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """The family's prompt conditioning, as the cross-attention tensor the old encode_prompts returned."""
+    return models.family.encode_prompts(models, prompts, device).hidden_states
 
 
 def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     method = get_method("styleboost")
     cfg = TrainConfig(batch_size=2, train_text_encoder=False)
     method.prepare(models, cfg)
@@ -38,7 +46,8 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_model):
     cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
     batch = method.sample_batch(data, cfg, step_generator(cfg.seed, 0, 0)[0])
     views = np.array([0, 1, 1, 0])  # as is and mirrored
-    cached = training_step(models, method, batch, cache, cfg, step_generator(cfg.seed, 0, 0)[1], views, CPU)
+    cached = training_step(models, method, batch, cache, cfg, step_generator(cfg.seed, 0, 0)[1], views, CPU,
+                           data.geometry(batch.rows))
 
     # Uncached: encode the batch's images in the step, drawing the same noise from the same generator.
     generator = step_generator(cfg.seed, 0, 0)[1]
@@ -49,18 +58,21 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_model):
     latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)) \
         * models.vae.config.scaling_factor
     text = fresh_text_embeddings(models, batch.prompts)
-    uncached = denoising_loss(models, method, latents, text, batch.weights, cfg, generator)
+    conditioning = Conditioning(parts=(text,))
+    uncached = denoising_loss(models, method, latents, conditioning, data.geometry(batch.rows), batch.weights, cfg,
+                              generator)
     torch.testing.assert_close(cached["denoising"], uncached, rtol=1e-5, atol=1e-6)
 
 
 def test_latents_are_stored_beside_the_curated_data_and_encoded_once(tiny_model, tmp_path):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     data, views = toy_data(concepts=1), [(), ("hflip",)]
     curated = tmp_path / "curated" / "ink.parquet"
     curated.parent.mkdir()
     curated.write_bytes(b"curated table")
-    job = TrainJob(style="ink", method="styleboost", key="k", base_model=tiny_model, curated_path=str(curated),
-                   model_dir="", log_path="", storage_path="", style_config={}, train={}, data_key="data-1")
+    job = TrainJob(style="ink", method="styleboost", family="sd1", key="k", base_model=tiny_model,
+                   curated_path=str(curated), model_dir="", log_path="", storage_path="", style_config={}, train={},
+                   data_key="data-1")
     first = stored_latent_cache(job, models.vae, data, views)
     assert torch.equal(first, encode_latent_cache(models.vae, data.pixels, views))
     [stored] = (tmp_path / "curated" / "ink.latents").iterdir()
@@ -72,11 +84,12 @@ def test_latents_are_stored_beside_the_curated_data_and_encoded_once(tiny_model,
 
 
 def test_a_frozen_text_encoder_encodes_each_distinct_prompt_once(tiny_model):
-    models = load_components(tiny_model)
-    models.text_encoder.requires_grad_(False)
+    models = load_sd1(tiny_model)
+    models.text_encoders["text_encoder"].requires_grad_(False)
     fresh = fresh_text_embeddings(models, ["a zwx style", "a style"])
     encoded = []
-    models.text_encoder.register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
+    encoder = models.text_encoders["text_encoder"]
+    encoder.register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
 
     first = encode_prompts(models, ["a zwx style", "a style", "a zwx style"], CPU)
     assert encoded == [2]  # the distinct prompts, once
@@ -90,14 +103,15 @@ def test_a_frozen_text_encoder_encodes_each_distinct_prompt_once(tiny_model):
 
 
 def test_a_trained_text_encoder_encodes_every_time(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     get_method("styleboost").prepare(models, TrainConfig(train_text_encoder=True))
     encoded = []
-    models.text_encoder.register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
+    encoder = models.text_encoders["text_encoder"]
+    encoder.register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
     for _ in range(2):
         assert encode_prompts(models, ["a zwx style"], CPU).requires_grad
     assert encoded == [1, 1]
-    assert models.text_encoder not in FROZEN_PROMPT_EMBEDDINGS
+    assert not models.frozen_prompts
 
 
 @pytest.mark.parametrize("field, value", [("optimizer", "sgd"), ("gradient_checkpointing", "sometimes"),
@@ -108,13 +122,13 @@ def test_fast_step_options_reject_bad_values(field, value, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"train:\n  {field}: {value}\n")
     with pytest.raises(ConfigError, match=f"train.{field}"):
-        load_run_config(config)
+        load_run_config(config, REGISTRY)
 
 
 def first_step(tiny_model: str, cfg: TrainConfig):
     """The models, optimizer and loss after one optimisation_step, set up as train_loop_per_worker does."""
     torch.manual_seed(0)
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     method = get_method("styleboost")
     groups = method.prepare(models, cfg)
     data = toy_data(concepts=1)
@@ -135,12 +149,13 @@ def plain_loss(tiny_model) -> float:
                                      {"channels_last": True}, {"optimizer": "adamw_fused"}])
 def test_each_option_trains_with_the_loss_of_the_plain_step(tiny_model, plain_loss, options):
     cfg = TrainConfig(batch_size=1, **{"train_text_encoder": False, **options})
-    before = load_components(tiny_model).unet.conv_in.weight
+    before = load_sd1(tiny_model).unet.conv_in.weight
     models, optimizer, loss = first_step(tiny_model, cfg)
     assert loss == pytest.approx(plain_loss, rel=1e-5)  # the same batch, noise and model: the same loss
     assert not torch.allclose(models.unet.conv_in.weight, before)
     assert models.unet.is_gradient_checkpointing == cfg.gradient_checkpointing
-    assert models.text_encoder.is_activation_checkpointing == (cfg.gradient_checkpointing and cfg.train_text_encoder)
+    assert models.text_encoders["text_encoder"].is_activation_checkpointing == (
+        cfg.gradient_checkpointing and cfg.train_text_encoder)
     assert models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == cfg.channels_last
     assert optimizer.defaults["fused"] == (True if cfg.optimizer == "adamw_fused" else None)
 
@@ -159,7 +174,7 @@ def test_adamw_8bit_asks_for_bitsandbytes_when_it_is_missing(monkeypatch):
 
 
 def test_compile_compiles_the_unet_in_place_keeping_its_parameter_names(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     names = [name for name, _ in models.unet.named_parameters()]
     apply_fast_paths(models, TrainConfig(compile=True))  # not run here: inductor takes minutes on a small CPU
     assert models.unet._compiled_call_impl is not None
@@ -167,7 +182,7 @@ def test_compile_compiles_the_unet_in_place_keeping_its_parameter_names(tiny_mod
 
 
 def test_attention_other_than_pytorch_sdpa_is_refused(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     models.unet.set_attn_processor(AttnProcessor())
     with pytest.raises(RuntimeError, match="not PyTorch SDPA"):
         apply_fast_paths(models, TrainConfig())

@@ -27,7 +27,8 @@ import yaml
 from pipeline.curate import curate_styles
 from pipeline.report import write_report
 from pipeline.run import open_run, parse_args
-from pipeline.train import TrainJob, explain, plan_training, train_all
+from pipeline.train import explain, plan_training, train_all
+from pipeline.train_job import TrainJob
 from tests.conftest import REPO, make_style
 from tests.test_report import make_run
 
@@ -259,8 +260,8 @@ def test_other_style_trains_undisturbed(train_with_a_killed_worker):
 # ---------------------------------------------------------------------------------------------
 
 def oom_job() -> TrainJob:
-    return TrainJob(style="watercolor", method="styleboost", key="0" * 64, base_model="tiny", curated_path="",
-                    model_dir="", log_path="", storage_path="", style_config={}, train={})
+    return TrainJob(style="watercolor", method="styleboost", family="sd1", key="0" * 64, base_model="tiny",
+                    curated_path="", model_dir="", log_path="", storage_path="", style_config={}, train={})
 
 
 def test_out_of_memory_names_the_style_and_the_settings_to_lower():

@@ -6,15 +6,16 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.generate import SampleJob, generate_all, partial_dir, sample_name
+from pipeline.generate import generate_all, partial_dir
+from pipeline.sampling import SampleJob, sample_name
 
 PROMPTS = ["a large red circle on a white background", "a small blue square on a yellow background"]
 
 
 def job(tmp_path, base_model: str, method: str = "base", model_dir: str = "", key: str = "k" * 64) -> SampleJob:
-    return SampleJob(style="s", method=method, base_model=base_model, model_dir=model_dir, prompts=PROMPTS,
-                     seeds=[0, 1], out_dir=str(tmp_path / "samples" / "s" / method), key=key, resolution=64,
-                     num_inference_steps=2, guidance_scale=2.0)
+    return SampleJob(style="s", method=method, family="sd1", base_model=base_model, model_dir=model_dir,
+                     prompts=PROMPTS, seeds=[0, 1], out_dir=str(tmp_path / "samples" / "s" / method), key=key,
+                     resolution=64, num_inference_steps=2, guidance_scale=2.0)
 
 
 def test_images_made_before_an_interruption_are_kept_and_the_rest_made(tmp_path, ray_session, tiny_model):

@@ -189,8 +189,7 @@ def test_explicit_missing_paths_raise_naming_the_path():
 
 
 def test_auto_without_weights_warns_and_falls_back_to_the_toy_backbone(tmp_path, monkeypatch):
-    # make sure no real weights can be found, whatever this machine has in /tmp or its caches
-    monkeypatch.setattr(backbones, "CLEANFID_INCEPTION_DIR", tmp_path / "cleanfid")
+    # make sure no real weights can be found, whatever this machine has in its caches
     monkeypatch.setattr(backbones, "STYLE_FACTORY_CACHE_DIR", tmp_path / "style-factory")
     monkeypatch.setattr(backbones, "try_to_load_from_cache", lambda repo_id, filename: None)
     with pytest.warns(UserWarning, match="NO REAL INCEPTION WEIGHTS"):
@@ -221,7 +220,6 @@ class FakeInception(nn.Module):
 def test_real_inception_path_feeds_clean_fid_scaled_299px_images(tmp_path, monkeypatch):
     weight_file = tmp_path / backbones.INCEPTION_FILE_NAME
     torch.jit.save(torch.jit.script(FakeInception()), str(weight_file))
-    monkeypatch.setattr(backbones, "CLEANFID_INCEPTION_DIR", tmp_path / "empty")
 
     inception = backbones.load_inception("auto", models_dir=str(tmp_path))
     assert inception.info.real

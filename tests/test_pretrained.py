@@ -20,8 +20,8 @@ from PIL import Image
 from jobs import all_styles
 from pipeline import backbones, pretrain, toyworld
 from pipeline.generate import TOY_PROMPTS, sample_name
-from pipeline.models import ASSETS_DIR, TINY_PRETRAINED, load_components, load_pipeline, resolve_base_model
-from tests.conftest import REPO, copy_example_styles
+from pipeline.models import ASSETS_DIR, TINY_PRETRAINED, resolve_base_model
+from tests.conftest import REPO, copy_example_styles, load_sd1, load_sd1_pipeline
 
 STYLE = "watercolor"
 
@@ -32,11 +32,11 @@ def test_the_model_and_backbone_load_from_the_repository_alone(monkeypatch):
     assert folder.is_relative_to(REPO) and folder.is_relative_to(ASSETS_DIR)
     weights = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert weights < 32e6  # the issue's ~30 MB budget
-    models = load_components(str(folder))
+    models = load_sd1(str(folder))
     toy = backbones.toy_clip_model()
     # one text tower, stored once: the backbone's is the model's text encoder
     assert torch.equal(toy.clip.text_model.embeddings.token_embedding.weight,
-                       models.text_encoder.get_input_embeddings().weight)
+                       models.text_encoders["text_encoder"].get_input_embeddings().weight)
     card = json.loads((folder / "training.json").read_text())
     assert (folder / "README.md").read_text().startswith("# tiny-pretrained")
     assert card["config"] == dataclasses.asdict(pretrain.PretrainConfig())  # the defaults retrain the shipped model
@@ -47,7 +47,7 @@ def test_the_model_and_backbone_load_from_the_repository_alone(monkeypatch):
 def test_the_base_model_draws_held_out_captions_the_backbone_reads_back():
     """Fresh seeds, captions whose (kind, color, background) no training image had: the object's kind, its color
     and the background are read back well above chance."""
-    pipe = load_pipeline(resolve_base_model(TINY_PRETRAINED, "/nonexistent-cache"))
+    pipe = load_sd1_pipeline(resolve_base_model(TINY_PRETRAINED, "/nonexistent-cache"))
     accuracy = pretrain.prompt_following(pipe, backbones.toy_clip_model(), n_images=32, steps=20, guidance=4.0,
                                          seed=12345)
     assert accuracy["kind_accuracy"] >= 3 * accuracy["kind_chance"], accuracy
@@ -69,12 +69,12 @@ def test_pretraining_is_seeded_and_writes_loadable_folders(tmp_path):
                                   eval_steps=2)
     card = pretrain.pretrain(cfg, tmp_path / "out", tmp_path / "work")
     assert set(card["prompt_following_held_out"]) >= {"kind_accuracy", "color_accuracy", "background_accuracy"}
-    models = load_components(str(tmp_path / "out" / "tiny-pretrained"))
+    models = load_sd1(str(tmp_path / "out" / "tiny-pretrained"))
     toy = backbones.ToyClip.load(tmp_path / "out" / "toy-clip", tmp_path / "out" / "tiny-pretrained" / "text_encoder")
     assert models.vae.config.scaling_factor != 1.0  # set from the latents' spread
 
     plain, mixed = pretrain.build_data(cfg)
-    again = pretrain.train_clip(mixed, models.tokenizer, cfg, pretrain.Log(tmp_path / "again.log"))
+    again = pretrain.train_clip(mixed, models.tokenizers["tokenizer"], cfg, pretrain.Log(tmp_path / "again.log"))
     assert all(torch.equal(a, b) for a, b in zip(toy.state_dict().values(), again.state_dict().values()))
 
 
@@ -90,7 +90,7 @@ def test_stored_phases_are_reused_only_with_the_same_settings(tmp_path):
     pretrain.pretrain(cfg, tmp_path / "out", work)
     log = (work / "pretrain.log").read_text()
     assert log.count("clip: loaded") == 1 and log.count("vae: loaded") == 1 and log.count("clip step 0:") == 1
-    stored = load_components(str(tmp_path / "out" / "tiny-pretrained")).text_encoder
+    stored = load_sd1(str(tmp_path / "out" / "tiny-pretrained")).text_encoders["text_encoder"]
     assert torch.equal(stored.get_input_embeddings().weight,
                        backbones.ToyClip.load(work / "clip", work / "clip" / "text_encoder")
                        .clip.text_model.embeddings.token_embedding.weight)

@@ -16,7 +16,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from pipeline.config import TrainConfig
-from pipeline.methods.base import StyleData
+from pipeline.data import StyleData
+from pipeline.families import get_family
 from pipeline.methods.stylealigned import (
     StyleAligned,
     StyleAlignedOptions,
@@ -24,8 +25,7 @@ from pipeline.methods.stylealigned import (
     adain,
     ddim_invert,
 )
-from pipeline.models import load_pipeline
-from tests.conftest import noise_image
+from tests.conftest import load_sd1_pipeline, noise_image
 
 STEPS = 8
 PROMPTS = ["a red circle on a blue background", "a house by a lake"]
@@ -49,7 +49,7 @@ def generators() -> list[torch.Generator]:
 
 
 def make_sampler(tiny_model: str) -> StyleAlignedSampler:
-    pipe = load_pipeline(tiny_model)
+    pipe = load_sd1_pipeline(tiny_model)
     opts = StyleAlignedOptions(inversion_steps=STEPS)
     trajectory = ddim_invert(pipe, REFERENCE, CAPTION, STEPS, opts.inversion_guidance_scale)
     return StyleAlignedSampler(pipe, REFERENCE, CAPTION, opts, trajectory)
@@ -61,7 +61,7 @@ def sample(pipe, output_type: str = "np"):
 
 
 def test_without_sharing_the_targets_equal_the_plain_pipeline(tiny_model):
-    expected = sample(load_pipeline(tiny_model))
+    expected = sample(load_sd1_pipeline(tiny_model))
     sampler = make_sampler(tiny_model)
     sampler.pipe.unet.set_attn_processor(AttnProcessor2_0())  # sharing off: the reference only rides along
     np.testing.assert_array_equal(sample(sampler), expected)
@@ -113,7 +113,7 @@ def test_sharing_moves_the_targets_attention_statistics_toward_the_reference(tin
 
 
 def test_ddim_inversion_then_sampling_reconstructs_the_reference_latent(tiny_model):
-    pipe = load_pipeline(tiny_model)
+    pipe = load_sd1_pipeline(tiny_model)
     with torch.no_grad():
         pipe.unet.conv_out.weight.zero_()  # a latent-independent prediction: see the module docstring
         trajectory = ddim_invert(pipe, REFERENCE, CAPTION, STEPS, guidance_scale=1.0)
@@ -137,10 +137,10 @@ def test_exported_reference_folder_loads_and_samples_the_requested_size(tiny_mod
     method.check_data(data, cfg)
     with pytest.raises(ValueError, match="reference_index"):
         method.check_data(data, TrainConfig(method_options={"stylealigned": {"reference_index": 2}}))
-    method.prepare_reference(data, cfg, tiny_model, tmp_path, "cpu")
+    method.prepare_reference(data, cfg, get_family("sd1"), tiny_model, tmp_path, "cpu")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "reference.png")), np.asarray(images[1]))
 
-    sampler = method.load_for_sampling(tiny_model, str(tmp_path), "cpu")
+    sampler = method.load_for_sampling(get_family("sd1"), tiny_model, str(tmp_path), "cpu")
     assert sampler.caption == "a second picture" and sampler.opts.shared_score_shift == pytest.approx(np.log(2))
     out = sampler(PROMPTS, generator=generators(), height=64, width=64, num_inference_steps=STEPS,
                   guidance_scale=5.0).images

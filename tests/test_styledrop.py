@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from pipeline.backbones import load_clip
 from pipeline.config import Concept, StyleConfig, TrainConfig
-from pipeline.curate import CURATED_SCHEMA
-from pipeline.generate import sample_name
+from pipeline.data import CURATED_SCHEMA
+from pipeline.export import load_method
+from pipeline.families import get_family
 from pipeline.lora import KOHYA_FILE, add_lora
 from pipeline.methods import get_method
-from pipeline.models import load_components, load_pipeline
-from tests.test_textboost import make_job, snapshot, train_in_process
+from pipeline.sampling import sample_name
+from tests.conftest import load_sd1, load_sd1_pipeline
+from tests.test_textboost import component, make_job, snapshot, train_in_process
 
 STYLE = StyleConfig(display_name="Watercolor", descriptor="watercolor painting",
                     concepts=[Concept(token="zwx", class_word="style")])
@@ -44,7 +46,7 @@ def generate(pipe) -> np.ndarray:
 def two_rounds(tmp_path_factory, tiny_model):
     """Round 1 trained and exported, the feedback round's selection, round 2 trained and exported."""
     job = make_job(tmp_path_factory.mktemp("styledrop"), tiny_model, "styledrop", STYLE, TRAIN, CAPTIONS)
-    rounds = job.load_method().rounds(job)
+    rounds = load_method(job).rounds(job)
     first = next(rounds)
     train_in_process(first, steps=2, export=True)
     second = next(rounds)  # samples K candidates per prompt with round 1, keeps CLIP's top-1 of each
@@ -55,7 +57,7 @@ def two_rounds(tmp_path_factory, tiny_model):
 
 def test_the_adapter_is_a_small_fraction_of_the_unet(tiny_model):
     """Rank 4 after every transformer block's attention and MLP: 0.20% of SD1.5's UNet (the port's adapters: 2.06 M)."""
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     method = get_method("styledrop", STYLE)
     method.prepare(models, TrainConfig())
     adapter, unet = lora_fraction(models.unet)
@@ -70,12 +72,12 @@ def test_the_adapter_is_a_small_fraction_of_the_unet(tiny_model):
 
 def test_only_the_adapter_weights_change(tmp_path, tiny_model):
     job = make_job(tmp_path, tiny_model, "styledrop", STYLE, TRAIN, CAPTIONS)
-    base = load_components(tiny_model)
-    before = {name: snapshot(getattr(base, name)) for name in ("text_encoder", "unet", "vae")}
+    base = load_sd1(tiny_model)
+    before = {name: snapshot(component(base, name)) for name in ("text_encoder", "unet", "vae")}
     models, losses = train_in_process(job, steps=2)
     assert all(np.isfinite(losses))
     for name in ("text_encoder", "vae"):
-        assert all(torch.equal(getattr(models, name).state_dict()[k], v) for k, v in before[name].items())
+        assert all(torch.equal(component(models, name).state_dict()[k], v) for k, v in before[name].items())
     unet = models.unet.state_dict()
     for key, value in before["unet"].items():
         lora_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
@@ -114,16 +116,17 @@ def test_round_two_trains_on_the_clip_top1_of_each_prompt(two_rounds):
 
 def test_exported_lora_loads_in_diffusers_and_changes_the_output(two_rounds):
     job, first, _, _ = two_rounds
-    method = job.load_method()
-    base = generate(load_pipeline(job.base_model))
+    method = load_method(job)
+    base = generate(load_sd1_pipeline(job.base_model))
     for model_dir in (first.model_dir, job.model_dir):
-        tuned = generate(method.load_for_sampling(job.base_model, model_dir, "cpu"))  # pipe.load_lora_weights
+        tuned = generate(method.load_for_sampling(get_family("sd1"), job.base_model, model_dir,
+                                                  "cpu"))  # pipe.load_lora_weights
         assert np.abs(tuned - base).max() > 1e-3
         kohya = load_file(Path(model_dir) / KOHYA_FILE)
         # 7 transformer blocks x ((attn1, attn2) x (q, k, v, out) + MLP in, out + proj_in, proj_out) x (down, up, alpha)
         assert len(kohya) == 7 * (2 * 4 + 2 + 2) * 3 and all(k.startswith("lora_unet_") for k in kohya)
         assert kohya["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape \
             == (4, 64)
-        pipe = load_pipeline(job.base_model)
+        pipe = load_sd1_pipeline(job.base_model)
         pipe.load_lora_weights(model_dir, weight_name=KOHYA_FILE)  # diffusers reads kohya names for the UNet
         np.testing.assert_allclose(generate(pipe), tuned, atol=1e-5)

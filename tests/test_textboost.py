@@ -13,14 +13,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.config import Concept, StyleConfig, TrainConfig
-from pipeline.curate import CURATED_SCHEMA
+from pipeline.data import CURATED_SCHEMA, StyleData
+from pipeline.export import export_model, load_method
+from pipeline.families import get_family
+from pipeline.families.base import Components
 from pipeline.lora import DIFFUSERS_FILE, KOHYA_FILE
-from pipeline.methods import StyleData, get_method
+from pipeline.loop import encode_latent_cache, grayscale, optimisation_step, save_checkpoint
+from pipeline.methods import get_method
 from pipeline.methods.textboost import timestep_distribution
-from pipeline.models import Components, load_components
-from pipeline.train import (TrainJob, encode_latent_cache, encode_prompts, export_model, grayscale, optimisation_step,
-                            save_checkpoint)
-from tests.conftest import noise_image
+from pipeline.train_job import TrainJob
+from tests.conftest import load_sd1, noise_image
 
 STYLE = StyleConfig(display_name="Watercolor", descriptor="watercolor painting style",
                     concepts=[Concept(token="zwx", class_word="style")])
@@ -34,7 +36,8 @@ def write_curated(folder: Path, captions: list[str], token: str = "zwx") -> str:
         noise_image(i, (64, 64)).save(buffer, format="PNG")
         rows.append({"style": "water", "role": "ref", "concept": 0, "token": token, "class_word": "style",
                      "caption": caption, "caption_source": "sidecar", "image": buffer.getvalue(), "width": 64,
-                     "height": 64, "content_hash": str(i), "source_path": f"ref/{i}.png"})
+                     "height": 64, "original_width": 64, "original_height": 64, "crop_left": 0, "crop_top": 0,
+                     "content_hash": str(i), "source_path": f"ref/{i}.png"})
     path = folder / "curated.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), path)
     return str(path)
@@ -42,7 +45,7 @@ def write_curated(folder: Path, captions: list[str], token: str = "zwx") -> str:
 
 def make_job(tmp_path: Path, base_model: str, method: str, style: StyleConfig, train: dict,
              captions: list[str]) -> TrainJob:
-    return TrainJob(style="water", method=method, key=f"{method}-test", base_model=base_model,
+    return TrainJob(style="water", method=method, family="sd1", key=f"{method}-test", base_model=base_model,
                     curated_path=write_curated(tmp_path, captions), model_dir=str(tmp_path / "models" / method),
                     log_path=str(tmp_path / "logs" / method / "train_log.jsonl"), storage_path=str(tmp_path / "ray"),
                     style_config=style.model_dump(), train=TrainConfig(**train).model_dump())
@@ -51,7 +54,7 @@ def make_job(tmp_path: Path, base_model: str, method: str, style: StyleConfig, t
 def train_in_process(job: TrainJob, steps: int, export: bool = False) -> tuple[Components, list[float]]:
     """What a Ray Train worker does for `job` (prepare, cache, the shared step), then optionally its export."""
     cfg = TrainConfig.model_validate(job.train)
-    method, data, models = job.load_method(), job.load_data(), load_components(job.base_model)
+    method, data, models = load_method(job), job.load_data(), load_sd1(job.base_model)
     optimizer = torch.optim.AdamW(method.prepare(models, cfg), weight_decay=cfg.weight_decay)
     cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
     losses = [optimisation_step(models, method, data, cache, optimizer, cfg, step, 0, torch.device("cpu"))
@@ -59,7 +62,7 @@ def train_in_process(job: TrainJob, steps: int, export: bool = False) -> tuple[C
     if export:
         folder = Path(job.storage_path) / job.trainer_name
         folder.mkdir(parents=True)
-        save_checkpoint(folder, job.key, models, method.trained_modules(cfg), optimizer, steps, losses)
+        save_checkpoint(folder, job.key, models, method.trained_modules(models, cfg), optimizer, steps, losses)
         export_model(job, folder)
     return models, losses
 
@@ -68,10 +71,15 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def component(models: Components, name: str) -> torch.nn.Module:
+    """A part of `models` by component name, the VAE included."""
+    return models.vae if name == "vae" else models.module(name)
+
+
 def initial_rows(job: TrainJob, vocab: int) -> torch.Tensor:
-    models = load_components(job.base_model)
-    job.load_method().prepare(models, TrainConfig.model_validate(job.train))
-    return models.text_encoder.get_input_embeddings().weight[vocab:].detach()
+    models = load_sd1(job.base_model)
+    load_method(job).prepare(models, TrainConfig.model_validate(job.train))
+    return models.text_encoders["text_encoder"].get_input_embeddings().weight[vocab:].detach()
 
 
 # One StyleRef image is enough for TextBoost; lrs large enough that every trained tensor visibly moves.
@@ -92,15 +100,15 @@ def exported(tmp_path_factory, tiny_model) -> tuple[TrainJob, Components]:
 
 
 def test_only_the_lora_and_the_new_token_rows_change(job):
-    base = load_components(job.base_model)
-    before = {name: snapshot(getattr(base, name)) for name in ("text_encoder", "unet", "vae")}
-    vocab = len(base.tokenizer)
+    base = load_sd1(job.base_model)
+    before = {name: snapshot(component(base, name)) for name in ("text_encoder", "unet", "vae")}
+    vocab = len(base.tokenizers["tokenizer"])
     models, losses = train_in_process(job, steps=3)
     assert all(np.isfinite(losses))
     for name in ("unet", "vae"):
-        after = getattr(models, name).state_dict()
+        after = component(models, name).state_dict()
         assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
-    after = models.text_encoder.state_dict()
+    after = models.text_encoders["text_encoder"].state_dict()
     for key, value in before["text_encoder"].items():
         if key == "embeddings.token_embedding.weight":
             assert torch.equal(after[key][:vocab], value)  # the original vocabulary, bitwise
@@ -110,18 +118,19 @@ def test_only_the_lora_and_the_new_token_rows_change(job):
         else:  # peft keeps each adapted layer's own weights under `base_layer`
             lora_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
             assert torch.equal(after[key] if key in after else after[lora_key], value), key
-    trainable = [n for n, p in models.text_encoder.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in models.text_encoders["text_encoder"].named_parameters() if p.requires_grad]
     assert all("lora_" in n or n == "embeddings.token_embedding.weight" for n in trainable)
     assert sum("lora_" in n for n in trainable) == 2 * 3 * 3  # A and B on q, k, v of all three layers
-    lora_b = [p for n, p in models.text_encoder.named_parameters() if "lora_B" in n]
+    lora_b = [p for n, p in models.text_encoders["text_encoder"].named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # zero at init, trained now
 
 
 def test_new_rows_are_clipped_to_the_mean_vocabulary_norm(job):
-    base = load_components(job.base_model)
-    mean_norm = base.text_encoder.get_input_embeddings().weight.norm(dim=1).mean()
+    base = load_sd1(job.base_model)
+    mean_norm = base.text_encoders["text_encoder"].get_input_embeddings().weight.norm(dim=1).mean()
     models, _ = train_in_process(job, steps=3)  # embedding lr 1.0: the rows outgrow the bound without the clip
-    new_rows = models.text_encoder.get_input_embeddings().weight[len(base.tokenizer):]
+    embeddings = models.text_encoders["text_encoder"].get_input_embeddings().weight
+    new_rows = embeddings[len(base.tokenizers["tokenizer"]):]
     norms = new_rows.norm(dim=1)
     assert (norms <= mean_norm * (1 + 1e-5)).all()
     assert torch.isclose(norms.max(), mean_norm, rtol=1e-5)  # the clip did act
@@ -129,7 +138,7 @@ def test_new_rows_are_clipped_to_the_mean_vocabulary_norm(job):
 
 def test_knowledge_preservation_is_zero_at_init_and_positive_after_an_update(job):
     cfg = TrainConfig.model_validate(job.train)
-    method, data, models = job.load_method(), job.load_data(), load_components(job.base_model)
+    method, data, models = load_method(job), job.load_data(), load_sd1(job.base_model)
     optimizer = torch.optim.AdamW(method.prepare(models, cfg))
     batch = method.sample_batch(data, cfg, np.random.default_rng(0))
     assert batch.preservation_prompts and len(batch.preservation_prompts) == cfg.batch_size
@@ -140,7 +149,7 @@ def test_knowledge_preservation_is_zero_at_init_and_positive_after_an_update(job
 
 
 def test_timesteps_follow_the_log_snr_distribution(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     method = get_method("textboost", STYLE)
     p = timestep_distribution(models.noise_scheduler)
     alphas = models.noise_scheduler.alphas_cumprod.double()
@@ -154,7 +163,7 @@ def test_timesteps_follow_the_log_snr_distribution(tiny_model):
 
 def test_augmentation_tokens_appear_exactly_when_their_view_is_used(job):
     cfg = TrainConfig.model_validate(job.train)
-    method, models = job.load_method(), load_components(job.base_model)
+    method, models = load_method(job), load_sd1(job.base_model)
     method.prepare(models, cfg)
     data = StyleData(pixels=torch.zeros(3, 3, 64, 64), roles=np.array(["ref"] * 3), concepts=np.zeros(3, int),
                      captions=["a", "b", "c"], tokens=["zwx"] * 3, class_words=["style"] * 3)
@@ -171,7 +180,7 @@ def test_augmentation_tokens_appear_exactly_when_their_view_is_used(job):
 
 
 def test_the_cache_holds_the_augmented_images(job):
-    models = load_components(job.base_model)
+    models = load_sd1(job.base_model)
     pixels = job.load_data().pixels
     views = [(), ("hflip",), ("grayscale",), ("hflip", "grayscale")]
     cache = encode_latent_cache(models.vae, pixels, views)
@@ -192,13 +201,15 @@ def test_export_loads_in_diffusers_and_matches_the_trained_encoder(exported):
     assert [p.name for p in (model_dir / "embeddings").iterdir()] == ["zwx.safetensors"]
     assert load_file(model_dir / "embeddings" / "zwx.safetensors")["<zwx>"].shape == (3, 64)
 
-    method = job.load_method()
+    method = load_method(job)
     prompt = method.eval_prompt("a house by a lake", STYLE)
     assert prompt == "a house by a lake, <zwx>"
-    pipe = method.load_for_sampling(job.base_model, str(model_dir), "cpu")  # load_textual_inversion + load_lora_weights
+    # load_textual_inversion + load_lora_weights
+    pipe = method.load_for_sampling(get_family("sd1"), job.base_model, str(model_dir), "cpu")
     loaded, _ = pipe.encode_prompt(prompt, "cpu", 1, False)  # diffusers expands <zwx> to <zwx> <zwx>_1 <zwx>_2
     with torch.no_grad():
-        trained = encode_prompts(models, ["a house by a lake, <zwx> <zwx>_1 <zwx>_2"], torch.device("cpu"))
+        trained = models.family.encode_prompts(models, ["a house by a lake, <zwx> <zwx>_1 <zwx>_2"],
+                                               torch.device("cpu")).hidden_states
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     image = pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
@@ -210,12 +221,19 @@ def test_kohya_copy_has_a1111_names_and_the_trained_deltas(exported):
     kohya = load_file(Path(job.model_dir) / KOHYA_FILE)
     modules = [f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}_proj"
                for layer in range(3) for proj in ("q", "k", "v")]
-    assert set(kohya) == {f"{m}.{part}" for m in modules for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    # pipeline.lora.zero_out_projections pads each adapted attention with an inert out_proj LoRA (diffusers and
+    # A1111 tell the kohya text-encoder layout by it): present, and a zero delta
+    padding = [f"lora_te_text_model_encoder_layers_{layer}_self_attn_out_proj" for layer in range(3)]
+    assert set(kohya) == {f"{m}.{part}" for m in modules + padding
+                          for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    for module in padding:
+        down, up = kohya[f"{module}.lora_down.weight"], kohya[f"{module}.lora_up.weight"]
+        assert down.shape == (4, 64) and up.shape == (64, 4) and not (up @ down).any()
     for module in modules:
         down, up, alpha = (kohya[f"{module}.{part}"] for part in ("lora_down.weight", "lora_up.weight", "alpha"))
         assert down.shape == (4, 64) and up.shape == (64, 4) and alpha.item() == 4.0
         # the delta A1111 applies, alpha / rank * up @ down, is the one peft trained
         layer, proj = module.split("layers_")[1].split("_")[0], module.split("self_attn_")[1]
-        peft_layer = models.text_encoder.encoder.layers[int(layer)].self_attn.get_submodule(proj)
+        peft_layer = models.text_encoders["text_encoder"].encoder.layers[int(layer)].self_attn.get_submodule(proj)
         expected = peft_layer.get_delta_weight("default")
         torch.testing.assert_close(alpha / down.shape[0] * up @ down, expected)

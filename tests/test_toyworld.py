@@ -193,8 +193,9 @@ def test_style_yamls_have_the_expected_keys_and_unique_tokens():
 
 def test_example_styles_pass_the_pipeline_schema():
     from pipeline.config import RunConfig, load_styles
+    from pipeline.run import REGISTRY
 
-    styles = load_styles(RunConfig(styles_dir=str(STYLES_DIR)), list(EXAMPLE_STYLES))
+    styles = load_styles(RunConfig(styles_dir=str(STYLES_DIR)), REGISTRY, list(EXAMPLE_STYLES))
     assert [style.name for style in styles] == list(EXAMPLE_STYLES)
 
 

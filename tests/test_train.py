@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.methods import StyleData, get_method
-from pipeline.models import load_components
-from pipeline.train import (encode_latent_cache, encode_prompts, min_snr_weights, sample_latents, step_generator,
-                            training_step)
+from pipeline.data import StyleData
+from pipeline.loop import encode_latent_cache, min_snr_weights, sample_latents, step_generator, training_step
+from pipeline.methods import get_method
+from tests.conftest import load_sd1
 
 
 def toy_data(n_per_role: int = 4, concepts: int = 2) -> StyleData:
@@ -40,7 +40,8 @@ def run_steps(models, cfg: TrainConfig, data: StyleData, steps: int) -> list[flo
         rng, generator = step_generator(cfg.seed, step, 0)
         batch = method.sample_batch(data, cfg, rng)
         flip = rng.random(len(batch.rows)) < 0.5
-        loss = sum(training_step(models, method, batch, cache, cfg, generator, flip, torch.device("cpu")).values())
+        loss = sum(training_step(models, method, batch, cache, cfg, generator, flip, torch.device("cpu"),
+                                 data.geometry(batch.rows)).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -50,19 +51,20 @@ def run_steps(models, cfg: TrainConfig, data: StyleData, steps: int) -> list[flo
 
 @pytest.mark.parametrize("train_text_encoder", [True, False])
 def test_training_changes_trainable_weights_and_leaves_frozen_ones_bitwise_equal(tiny_model, train_text_encoder):
-    models = load_components(tiny_model)
-    before = {name: snapshot(getattr(models, name)) for name in ("unet", "text_encoder", "vae")}
+    models = load_sd1(tiny_model)
+    before = {name: snapshot(models.vae if name == "vae" else models.module(name))
+              for name in ("unet", "text_encoder", "vae")}
     cfg = TrainConfig(max_steps=2, batch_size=2, train_text_encoder=train_text_encoder)
     losses = run_steps(models, cfg, toy_data(), steps=2)
     assert all(np.isfinite(losses))
     assert changed(before["vae"], models.vae) == set()
     unet_params = {k for k, _ in models.unet.named_parameters()}
     assert len(changed(before["unet"], models.unet) & unet_params) > 0.9 * len(unet_params)
-    assert bool(changed(before["text_encoder"], models.text_encoder)) == train_text_encoder
+    assert bool(changed(before["text_encoder"], models.text_encoders["text_encoder"])) == train_text_encoder
 
 
 def test_latent_cache_equals_a_fresh_encode_for_both_flips(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     data = toy_data(n_per_role=2, concepts=1)
     cache = encode_latent_cache(models.vae, data.pixels, [(), ("hflip",)], batch_size=3)
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_randomness_is_a_function_of_seed_step_and_rank():
 
 
 def test_min_snr_weights_match_the_formula(tiny_model):
-    scheduler = load_components(tiny_model).noise_scheduler
+    scheduler = load_sd1(tiny_model).noise_scheduler
     t = torch.tensor([0, 250, 999])
     snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
     torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0, "epsilon"), torch.clamp(snr, max=5.0) / snr)
@@ -121,7 +123,7 @@ def test_min_snr_weights_match_the_formula(tiny_model):
 
 
 def test_v_prediction_and_min_snr_train(tiny_model):
-    models = load_components(tiny_model)
+    models = load_sd1(tiny_model)
     cfg = TrainConfig(batch_size=1, prediction_type="v_prediction", snr_gamma=5.0, train_text_encoder=False)
     assert all(np.isfinite(run_steps(models, cfg, toy_data(concepts=1), steps=2)))
 
@@ -129,8 +131,8 @@ def test_v_prediction_and_min_snr_train(tiny_model):
 def test_prompts_are_encoded_with_the_real_clip_tokenizer(tiny_model):
     import open_clip
 
-    models = load_components(tiny_model)
-    ids = models.tokenizer(["a red circle, zwx style"]).input_ids[0]
+    models = load_sd1(tiny_model)
+    ids = models.tokenizers["tokenizer"](["a red circle, zwx style"]).input_ids[0]
     reference = open_clip.get_tokenizer("ViT-B-32")(["a red circle, zwx style"])[0]
     assert ids == reference[: len(ids)].tolist() and ids[0] == 49406 and ids[-1] == 49407
-    assert encode_prompts(models, ["a", "b"], torch.device("cpu")).shape == (2, 77, 64)
+    assert models.family.encode_prompts(models, ["a", "b"], torch.device("cpu")).hidden_states.shape == (2, 77, 64)

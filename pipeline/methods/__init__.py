@@ -1,6 +1,7 @@
-"""Training methods: each module states only what differs from the shared loop in pipeline/train.py."""
+"""Training methods: each module states only what differs from the shared loop (pipeline/loop.py); a method is
+registered by one line below."""
 from pipeline.config import StyleConfig
-from pipeline.methods.base import Batch, ClassImages, Method, StyleData
+from pipeline.methods.base import Method
 from pipeline.methods.dreambooth import DreamBooth
 from pipeline.methods.styleboost import StyleBoost
 from pipeline.methods.stylealigned import StyleAligned
@@ -18,6 +19,3 @@ METHODS: dict[str, type[Method]] = {
 
 def get_method(name: str, style: StyleConfig | None = None) -> Method:
     return METHODS[name](style)
-
-
-__all__ = ["METHODS", "Batch", "ClassImages", "Method", "StyleData", "get_method"]

@@ -1,62 +1,22 @@
-"""The one interface every method implements. The loop in `pipeline/train.py` owns everything else:
-data loading, latent caching, the denoising loss, the optimiser, checkpoints and resume."""
+"""The one interface every method implements. The shared loop (`pipeline/loop.py`, run by `pipeline/worker.py`)
+owns everything else: data loading, latent caching, the denoising loss, the optimiser, checkpoints and resume; the
+model family (`pipeline/families/`) owns what differs between base models. A method reaches the family through the
+`Components` it is handed (`models.family`) or the `family` argument, never by importing a stage."""
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-from diffusers import StableDiffusionPipeline
-from PIL import Image
+from diffusers import DiffusionPipeline
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.models import Components, load_pipeline
-
-if TYPE_CHECKING:
-    from pipeline.train import TrainJob
-
-
-@dataclass
-class StyleData:
-    """A style's curated images as training tensors, with their role, concept and caption."""
-
-    pixels: torch.Tensor  # (N, 3, H, W) in [-1, 1]
-    roles: np.ndarray  # "ref" | "aux" | "prior" (generated class images)
-    concepts: np.ndarray
-    captions: list[str]
-    tokens: list[str]
-    class_words: list[str]
-
-    @classmethod
-    def load(cls, path: Path, prior_dirs: Sequence[str] = ()) -> StyleData:
-        """The curated table; each generated class-image folder i (pipeline/priors.py) adds concept i's "prior" rows."""
-        table = pq.read_table(path).filter(pc.field("role") != "heldout").to_pydict()  # scored, never trained on
-        images = [Image.open(io.BytesIO(b)) for b in table["image"]]
-        for concept, folder in enumerate(map(Path, prior_dirs)):
-            manifest = json.loads((folder / "manifest.json").read_text())
-            images += [Image.open(folder / name) for name in manifest["files"]]
-            for column, value in (("role", "prior"), ("concept", concept), ("caption", manifest["prompt"]),
-                                  ("token", ""), ("class_word", "")):
-                table[column] += [value] * len(manifest["files"])
-        arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-        return cls(pixels=pixels, roles=np.asarray(table["role"]), concepts=np.asarray(table["concept"]),
-                   captions=table["caption"], tokens=table["token"], class_words=table["class_word"])
-
-    def indices(self, role: str, concept: int) -> np.ndarray:
-        return np.flatnonzero((self.roles == role) & (self.concepts == concept))
-
-    @property
-    def num_concepts(self) -> int:
-        return int(self.concepts.max()) + 1 if len(self.concepts) else 0
+from pipeline.data import StyleData
+from pipeline.families.base import Components, Family
+from pipeline.train_job import TrainJob
 
 
 @dataclass
@@ -107,15 +67,15 @@ class Method:
         """Set requires_grad on the models and return the optimiser's parameter groups."""
         raise NotImplementedError
 
-    def trained_modules(self, cfg: TrainConfig) -> list[str]:
-        """Names of the Components attributes whose weights change (saved in checkpoints)."""
+    def trained_modules(self, models: Components, cfg: TrainConfig) -> list[str]:
+        """Component names ("unet", "text_encoder", ...) whose weights change (saved in checkpoints)."""
         raise NotImplementedError
 
     def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
         raise NotImplementedError
 
     def image_views(self, cfg: TrainConfig) -> list[tuple[str, ...]]:
-        """The views of each image whose latents the loop caches, as ops of pipeline.train.VIEW_OPS (() = as is).
+        """The views of each image whose latents the loop caches, as ops of pipeline.loop.VIEW_OPS (() = as is).
         Default: the image and its mirror image when random_flip is on; Batch.views indexes this list."""
         return [(), ("hflip",)] if cfg.random_flip else [()]
 
@@ -138,15 +98,22 @@ class Method:
         """The prompt that asks this method's model for `content` in the style."""
         raise NotImplementedError
 
-    def export(self, pipe: StableDiffusionPipeline, out_dir: Path, cfg: TrainConfig) -> None:
-        """Write the trained model (its components hold the trained weights). Default: a full diffusers folder."""
+    def prompts_around(self, caption: str, style: StyleConfig, count_tokens: Callable[[str], int]) -> list[str]:
+        """Every prompt this method builds around a caption, as long as the text encoder sees it (`count_tokens`
+        counts CLIP tokens): curation shortens captions until all of them fit. Default: the evaluation prompt, which
+        names every concept, so it is the longest training prompt too."""
+        return [self.eval_prompt(caption, style)]
+
+    def export(self, pipe: DiffusionPipeline, models: Components, out_dir: Path, cfg: TrainConfig) -> None:
+        """Write the trained model: `pipe` is the family's pipeline around `models`, which hold the trained weights.
+        Default: a full diffusers folder."""
         pipe.save_pretrained(out_dir, safe_serialization=True)
 
-    def prepare_reference(self, data: StyleData, cfg: TrainConfig, base_model: str, out_dir: Path,
+    def prepare_reference(self, data: StyleData, cfg: TrainConfig, family: Family, base_model: str, out_dir: Path,
                           device: str) -> None:
         """Zero-shot methods (trains = False): write the model folder from the data and the base model."""
         raise NotImplementedError
 
-    def load_for_sampling(self, base_model: str, model_dir: str, device: str) -> StableDiffusionPipeline:
+    def load_for_sampling(self, family: Family, base_model: str, model_dir: str, device: str) -> DiffusionPipeline:
         """The sampling pipeline for an exported model. Default: the diffusers folder itself."""
-        return load_pipeline(model_dir, device)
+        return family.load_pipeline(model_dir, device)

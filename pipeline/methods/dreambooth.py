@@ -11,7 +11,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.methods.base import ClassImages, StyleData
+from pipeline.data import StyleData
+from pipeline.methods.base import ClassImages
 from pipeline.methods.styleboost import StyleBoost
 
 

@@ -1,31 +1,36 @@
 """StyleAligned (Hertz et al., CVPR 2024; google/style-aligned): zero-shot, nothing trains.
 
-Every image of a batch is generated together with a reference, and each target's self-attention also
-attends to the reference's keys and values, after AdaIN moves its queries and keys to the reference's
-statistics. The reference here is a real StyleRef image: its latent is DDIM-inverted with its caption,
-and at every sampling step the reference row is overwritten with the inverted latent of that step.
+Every image of a batch is generated together with a reference, and each target's self-attention (every `attn1` of
+the UNet, on any family) also attends to the reference's keys and values, after AdaIN moves its queries and keys to
+the reference's statistics. The reference is one of (`reference`):
+- `inverted` (default): a real StyleRef image; its latent is DDIM-inverted with its caption through the family's
+  pipeline, and at every sampling step the reference row is overwritten with the inverted latent of that step;
+- `generated`: the paper's first mode, a prompts-only set: the reference is the first image the set generates, from
+  `reference_prompt` (default: the reference image's caption and the style's descriptor) and `reference_seed`.
+  It attends to itself only, so every set of the model shares the same reference.
 
-The "model" is the base model plus that reference: a folder with the reference image, its caption,
-the options, and the inverted trajectory for `inversion_steps`.
+The "model" is the base model plus that reference: a folder with the reference image, its prompt, the options, and
+(inverted) the trajectory for `inversion_steps`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMInverseScheduler, StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers import DDIMInverseScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.methods.base import Method, StyleData
-from pipeline.models import load_pipeline
+from pipeline.data import StyleData
+from pipeline.families.base import Family
+from pipeline.methods.base import Method
 
 
 class StyleAlignedOptions(BaseModel):
@@ -37,6 +42,9 @@ class StyleAlignedOptions(BaseModel):
     inversion_steps: int = Field(50, ge=1)
     inversion_guidance_scale: float = Field(2.0, ge=0)  # the paper inverts with CFG 2
     reference_index: int = Field(0, ge=0)  # which StyleRef image (in curated order) is the reference
+    reference: Literal["inverted", "generated"] = "inverted"  # a real image inverted, or the set's first image
+    reference_prompt: str | None = None  # generated: None = the reference image's caption, then the descriptor
+    reference_seed: int = 0  # generated: the seed of the reference's noise
 
 
 def adain(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -57,7 +65,8 @@ class SharedAttnProcessor:
         out_t = softmax([Q^_t K^_t^T / sqrt(d),  s Q^_t K_r^T / sqrt(d) + beta]) [V_t; V_r]
     s = shared_score_scale, beta = shared_score_shift (added to the scaled scores, as in sa_handler.py).
     The reference attends to itself only, so its features are those of the plain model.
-    Written for SD's transformer self-attention (`attn1`): 3-D input, no norms or residual inside.
+    Written for the UNet transformer blocks' self-attention (`attn1`; SD 1.x, 2.x and SDXL alike): 3-D input, no
+    norms or residual inside.
     """
 
     def __init__(self, opts: StyleAlignedOptions):
@@ -89,16 +98,17 @@ class SharedAttnProcessor:
 
 
 @torch.no_grad()
-def ddim_invert(pipe: StableDiffusionPipeline, image: Image.Image, prompt: str, steps: int,
+def ddim_invert(pipe: DiffusionPipeline, image: Image.Image, prompt: str, steps: int,
                 guidance_scale: float) -> torch.Tensor:
     """The DDIM trajectory of a real image, from noise to its clean latent: (steps + 1, C, h, w).
 
-    Runs the pipeline's own loop with DDIMInverseScheduler (timesteps ascending), recording each latent;
-    entry i is the latent the sampler holds before its step i, and the last entry is the clean latent.
+    Runs the pipeline's own loop (whatever the family's pipeline class) with DDIMInverseScheduler (timesteps
+    ascending), recording each latent; entry i is the latent the sampler holds before its step i, and the last
+    entry is the clean latent.
     """
     pixels = pipe.image_processor.preprocess(image).to(pipe.device, pipe.vae.dtype)
     clean = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    inverse = StableDiffusionPipeline(**{**pipe.components, "scheduler": DDIMInverseScheduler.from_config(
+    inverse = type(pipe)(**{**pipe.components, "scheduler": DDIMInverseScheduler.from_config(
         pipe.scheduler.config)})
     inverse.set_progress_bar_config(disable=True)
     trajectory = [clean]
@@ -107,21 +117,23 @@ def ddim_invert(pipe: StableDiffusionPipeline, image: Image.Image, prompt: str, 
         trajectory.append(tensors["latents"].clone())
         return {}
 
-    inverse(prompt, latents=clean, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
-            callback_on_step_end=record)
+    inverse(prompt, latents=clean, height=image.height, width=image.width, num_inference_steps=steps,
+            guidance_scale=guidance_scale, output_type="latent", callback_on_step_end=record)
     return torch.cat(trajectory[::-1])
 
 
 class StyleAlignedSampler:
-    """Called like the pipeline by pipeline/generate.py; each call generates its targets beside the reference."""
+    """Called like the pipeline by pipeline/sampling.py; each call generates its targets beside the reference."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, reference: Image.Image, caption: str,
-                 opts: StyleAlignedOptions, trajectory: torch.Tensor):
+    def __init__(self, pipe: DiffusionPipeline, reference: Image.Image | None, caption: str,
+                 opts: StyleAlignedOptions, trajectory: torch.Tensor | None):
+        """`reference`, `trajectory`: the inverted image and its stored inversion; None in generated mode, where
+        `caption` is the reference's prompt."""
         self.pipe, self.reference, self.caption, self.opts = pipe, reference, caption, opts
         self.processor = SharedAttnProcessor(opts)
         pipe.unet.set_attn_processor({name: self.processor if name.endswith("attn1.processor") else processor
                                       for name, processor in pipe.unet.attn_processors.items()})
-        self.trajectories = {(opts.inversion_steps, *reference.size): trajectory}
+        self.trajectories = {} if trajectory is None else {(opts.inversion_steps, *reference.size): trajectory}
 
     def trajectory(self, steps: int, height: int, width: int) -> torch.Tensor:
         """The stored inversion, or a new one when sampling uses other steps or another size."""
@@ -132,23 +144,35 @@ class StyleAlignedSampler:
                 self.pipe, reference, self.caption, steps, self.opts.inversion_guidance_scale)
         return self.trajectories[(steps, width, height)]
 
+    def reference_noise(self, height: int, width: int) -> torch.Tensor:
+        """Generated mode: the reference's starting noise, the same in every call."""
+        scale = self.pipe.vae_scale_factor
+        shape = (1, self.pipe.unet.config.in_channels, height // scale, width // scale)
+        return randn_tensor(shape, generator=torch.Generator().manual_seed(self.opts.reference_seed),
+                            device=self.pipe.device, dtype=self.pipe.unet.dtype)
+
     @torch.no_grad()
     def __call__(self, prompt: list[str], generator: list[torch.Generator], height: int, width: int,
                  num_inference_steps: int, guidance_scale: float, output_type: str = "pil"):
-        trajectory = self.trajectory(num_inference_steps, height, width).to(self.pipe.device)
+        callback = None
+        if self.opts.reference == "generated":
+            start = self.reference_noise(height, width)
+        else:
+            trajectory = self.trajectory(num_inference_steps, height, width).to(self.pipe.device)
+            start = trajectory[:1]
+
+            def callback(_pipe, step, _timestep, tensors):
+                tensors["latents"][0] = trajectory[step + 1]  # the reference row replays its inversion
+                return tensors
         # the targets' noise exactly as the plain pipeline draws it from these generators
-        noise = randn_tensor((len(prompt), *trajectory.shape[1:]), generator=generator, device=self.pipe.device,
-                             dtype=trajectory.dtype)
-
-        def replay_reference(_pipe, step, _timestep, tensors):
-            tensors["latents"][0] = trajectory[step + 1]
-            return tensors
-
+        noise = randn_tensor((len(prompt), *start.shape[1:]), generator=generator, device=self.pipe.device,
+                             dtype=start.dtype)
         self.processor.images_per_group = 1 + len(prompt)
-        images = self.pipe([self.caption] + list(prompt), latents=torch.cat([trajectory[:1], noise]),
-                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           output_type=output_type, callback_on_step_end=replay_reference).images
-        return StableDiffusionPipelineOutput(images=images[1:], nsfw_content_detected=None)
+        output = self.pipe([self.caption] + list(prompt), latents=torch.cat([start, noise]), height=height,
+                           width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           output_type=output_type, callback_on_step_end=callback)
+        output.images = output.images[1:]
+        return output
 
 
 class StyleAligned(Method):
@@ -161,23 +185,29 @@ class StyleAligned(Method):
         if index >= count:
             raise ValueError(f"reference_index is {index} but the style has only {count} StyleRef images")
 
-    def prepare_reference(self, data: StyleData, cfg: TrainConfig, base_model: str, out_dir: Path,
+    def prepare_reference(self, data: StyleData, cfg: TrainConfig, family: Family, base_model: str, out_dir: Path,
                           device: str) -> None:
         opts = self.options(cfg)
         row = np.flatnonzero(data.roles == "ref")[opts.reference_index]
-        pixels = ((data.pixels[row] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        reference, caption = Image.fromarray(pixels), data.captions[row]
-        trajectory = ddim_invert(load_pipeline(base_model, device), reference, caption, opts.inversion_steps,
-                                 opts.inversion_guidance_scale)
-        reference.save(out_dir / "reference.png")
-        save_file({"latents": trajectory.cpu().contiguous()}, out_dir / "trajectory.safetensors")
+        if opts.reference == "generated":  # drawn with each set, at its steps and guidance: nothing to store
+            caption = opts.reference_prompt or self.eval_prompt(data.captions[row], self.style)
+        else:
+            pixels = ((data.pixels[row] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            reference, caption = Image.fromarray(pixels), data.captions[row]
+            trajectory = ddim_invert(family.load_pipeline(base_model, device), reference, caption,
+                                     opts.inversion_steps, opts.inversion_guidance_scale)
+            save_file({"latents": trajectory.cpu().contiguous()}, out_dir / "trajectory.safetensors")
+            reference.save(out_dir / "reference.png")
         (out_dir / "reference.json").write_text(json.dumps({"caption": caption, "options": opts.model_dump()}))
 
-    def load_for_sampling(self, base_model: str, model_dir: str, device: str) -> StyleAlignedSampler:
+    def load_for_sampling(self, family: Family, base_model: str, model_dir: str, device: str) -> StyleAlignedSampler:
         folder = Path(model_dir)
         meta = json.loads((folder / "reference.json").read_text())
-        return StyleAlignedSampler(load_pipeline(base_model, device), Image.open(folder / "reference.png").convert("RGB"),
-                                   meta["caption"], StyleAlignedOptions.model_validate(meta["options"]),
+        opts = StyleAlignedOptions.model_validate(meta["options"])
+        pipe = family.load_pipeline(base_model, device)
+        if opts.reference == "generated":
+            return StyleAlignedSampler(pipe, None, meta["caption"], opts, None)
+        return StyleAlignedSampler(pipe, Image.open(folder / "reference.png").convert("RGB"), meta["caption"], opts,
                                    load_file(folder / "trajectory.safetensors")["latents"].to(device))
 
     def eval_prompt(self, content: str, style: StyleConfig) -> str:

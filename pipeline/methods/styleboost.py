@@ -1,4 +1,4 @@
-"""StyleBoost / Multi-StyleBoost: full fine-tune of UNet (+ text encoder).
+"""StyleBoost / Multi-StyleBoost: full fine-tune of UNet (+ every text encoder of the family).
 
 StyleRef images are bound to the concept's rare token ("<caption>, zwx style"); Aux images to the
 class word alone ("<caption>, style"), as the prior term weighted by `prior_loss_weight`. Several
@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from pipeline.config import StyleConfig, TrainConfig
-from pipeline.methods.base import Batch, Method, StyleData
-from pipeline.models import Components
+from pipeline.data import StyleData
+from pipeline.families.base import Components
+from pipeline.methods.base import Batch, Method
 
 INSTANCE_PROMPT = "{caption}, {token} {class_word}"
 CLASS_PROMPT = "{caption}, {class_word}"
@@ -36,15 +37,16 @@ class StyleBoost(Method):
     def prepare(self, models: Components, cfg: TrainConfig) -> list[dict]:
         models.vae.requires_grad_(False)
         models.unet.requires_grad_(True)
-        models.text_encoder.requires_grad_(cfg.train_text_encoder)
         groups = [{"params": list(models.unet.parameters()), "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            groups.append({"params": list(models.text_encoder.parameters()),
-                           "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+        for encoder in models.text_encoders.values():
+            encoder.requires_grad_(cfg.train_text_encoder)
+            if cfg.train_text_encoder:
+                groups.append({"params": list(encoder.parameters()),
+                               "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
         return groups
 
-    def trained_modules(self, cfg: TrainConfig) -> list[str]:
-        return ["unet", "text_encoder"] if cfg.train_text_encoder else ["unet"]
+    def trained_modules(self, models: Components, cfg: TrainConfig) -> list[str]:
+        return ["unet", *models.text_encoders] if cfg.train_text_encoder else ["unet"]
 
     def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
         concept = int(rng.integers(data.num_concepts))

@@ -20,24 +20,23 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import StyleConfig, TrainConfig
+from pipeline.data import CURATED_SCHEMA, StyleData
+from pipeline.families import get_family
+from pipeline.families.base import Components, Family
 from pipeline.files import sha256_of, write_json_atomic, write_parquet_atomic
-from pipeline.generate import SampleJob, generate_images, sample_name
 from pipeline.lora import add_lora, save_lora
-from pipeline.methods.base import Batch, Method, StyleData
-from pipeline.models import Components, load_pipeline
-
-if TYPE_CHECKING:
-    from pipeline.train import TrainJob
+from pipeline.methods.base import Batch, Method
+from pipeline.sampling import SampleJob, generate_images, sample_name
+from pipeline.train_job import TrainJob
 
 PROMPT = "{content} in {descriptor} style"
 
@@ -67,10 +66,11 @@ class StyleDrop(Method):
     def prepare(self, models: Components, cfg: TrainConfig) -> list[dict]:
         opts = self.options(cfg)
         models.vae.requires_grad_(False)
-        models.text_encoder.requires_grad_(False)
+        for encoder in models.text_encoders.values():
+            encoder.requires_grad_(False)
         return [{"params": add_lora(models.unet, opts.rank, opts.alpha, opts.target_modules), "lr": cfg.learning_rate}]
 
-    def trained_modules(self, cfg: TrainConfig) -> list[str]:
+    def trained_modules(self, models: Components, cfg: TrainConfig) -> list[str]:
         return ["unet"]
 
     def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
@@ -94,7 +94,6 @@ class StyleDrop(Method):
     def select_by_clip(self, first: TrainJob) -> Path:
         """Sample K candidates per prompt with the round-1 model; the CLIP top-1 of each is round 2's data."""
         from pipeline.backbones import load_clip  # imported here, as in evaluate.py: heavy, and only needed now
-        from pipeline.curate import CURATED_SCHEMA
 
         opts = self.options(TrainConfig.model_validate(first.train))
         data = first.load_data()
@@ -102,12 +101,15 @@ class StyleDrop(Method):
         contents = opts.feedback_prompts or list(dict.fromkeys(data.captions[i] for i in ref))
         folder = Path(first.model_dir) / "feedback"
         candidates = SampleJob(
-            style=first.style, method=self.name, base_model=first.base_model, model_dir=first.model_dir,
+            style=first.style, method=self.name, family=first.family, base_model=first.base_model,
+            model_dir=first.model_dir,
             prompts=[self.eval_prompt(c, self.style) for c in contents], seeds=list(range(opts.feedback_candidates)),
             out_dir=str(folder / "candidates"), key=first.key, resolution=data.pixels.shape[-1],
             num_inference_steps=opts.feedback_inference_steps, guidance_scale=opts.feedback_guidance_scale)
         if not candidates.is_done():
-            generate_images(candidates, "cuda" if torch.cuda.is_available() else "cpu")
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            generate_images(candidates, self.load_for_sampling(get_family(first.family), first.base_model,
+                                                               first.model_dir, device))
         clip = load_clip(opts.clip)
         texts = clip.embed_texts(candidates.prompts)  # the whole prompt: the content and the style's words
         rows, scores = [], []
@@ -116,10 +118,12 @@ class StyleDrop(Method):
             images = [Image.open(path).convert("RGB") for path in paths]
             similarity = clip.embed_images(images) @ texts[index]
             best = int(np.argmax(similarity))
+            width, height = images[best].size
             rows.append({"style": first.style, "role": "ref", "concept": 0, "token": data.tokens[ref[0]],
                          "class_word": data.class_words[ref[0]], "caption": content, "caption_source": "round 1",
-                         "image": paths[best].read_bytes(), "width": images[best].width,
-                         "height": images[best].height, "source_path": str(paths[best].relative_to(folder)),
+                         "image": paths[best].read_bytes(), "width": width, "height": height,
+                         "original_width": width, "original_height": height, "crop_left": 0, "crop_top": 0,
+                         "source_path": str(paths[best].relative_to(folder)),
                          "content_hash": hashlib.sha256(images[best].tobytes()).hexdigest()})
             scores.append({"prompt": content, "clip_scores": similarity.tolist(), "selected": paths[best].name})
         write_json_atomic(folder / "scores.json", {"clip": clip.info.name, "prompts": scores})
@@ -127,10 +131,10 @@ class StyleDrop(Method):
         write_parquet_atomic(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), curated)
         return curated
 
-    def export(self, pipe: StableDiffusionPipeline, out_dir: Path, cfg: TrainConfig) -> None:
-        save_lora(out_dir, unet=pipe.unet)
+    def export(self, pipe: DiffusionPipeline, models: Components, out_dir: Path, cfg: TrainConfig) -> None:
+        save_lora(out_dir, models.family, unet=models.unet)
 
-    def load_for_sampling(self, base_model: str, model_dir: str, device: str) -> StableDiffusionPipeline:
-        pipe = load_pipeline(base_model, device)
+    def load_for_sampling(self, family: Family, base_model: str, model_dir: str, device: str) -> DiffusionPipeline:
+        pipe = family.load_pipeline(base_model, device)
         pipe.load_lora_weights(model_dir)
         return pipe

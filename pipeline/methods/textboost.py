@@ -1,9 +1,9 @@
-"""TextBoost (Park et al., arXiv 2409.08248; nahyeonkaty/textboost@0390854): tune only the text encoder.
+"""TextBoost (Park et al., arXiv 2409.08248; nahyeonkaty/textboost@0390854): tune only the text encoder(s).
 
-Trained: a LoRA on the text encoder's attention projections (peft, r=4, alpha=4 on q, k, v) and new token
-embeddings; the UNet and VAE stay frozen, so one StyleRef image is enough. Each concept token becomes a
-placeholder `<token>` (+ `<token>_1`, ... : diffusers' multi-vector naming) initialised from the init phrase
-(the style's descriptor), plus one token per augmentation. Only the new rows of the embedding matrix change
+Trained, in every text encoder of the family (SDXL: both): a LoRA on the attention projections (peft, r=4, alpha=4
+on q, k, v) and new token embeddings; the UNet and VAE stay frozen, so one StyleRef image is enough. Each concept
+token becomes a placeholder `<token>` (+ `<token>_1`, ... : diffusers' multi-vector naming) initialised from the init
+phrase (the style's descriptor), plus one token per augmentation. Only the new rows of the embedding matrix change
 (their gradient is masked) and after each step their norm is clipped to the mean norm of the vocabulary.
 
 What the shared loop gets on top of the denoising loss:
@@ -19,23 +19,26 @@ What the shared loop gets on top of the denoising loss:
 Not ported: the fixed null embedding for classifier-free guidance (a SD2.1-only asset) and `--mixing`.
 
 Exported: the LoRA for `pipe.load_lora_weights` plus a kohya copy (pipeline/lora.py), and one embedding file
-per concept in `embeddings/` for `pipe.load_textual_inversion` (the prompt's `<token>` expands to its vectors).
+per concept in `embeddings/`, in the family's form (SD 1.x/2.x: one tensor; SDXL: `clip_l` and `clip_g`), for
+`pipe.load_textual_inversion` (the prompt's `<token>` expands to its vectors).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from pipeline.config import StyleConfig, TrainConfig
+from pipeline.data import StyleData
+from pipeline.families.base import Components, Family, unwrapped
 from pipeline.lora import add_lora, save_lora
-from pipeline.methods.base import Batch, Method, StyleData
-from pipeline.models import Components, load_pipeline
+from pipeline.methods.base import Batch, Method
 
 TRAIN_PROMPT = "{caption}, {placeholder}"  # the untuned baseline is asked for "<content>, <descriptor>"
 AUGMENTATIONS = {"hflip": "horizontally flipped", "grayscale": "grayscale"}  # token -> its init phrase
@@ -104,38 +107,45 @@ class TextBoost(Method):
         self.kpl_weight = opts.kpl_weight  # extra_losses sees no config
         models.unet.requires_grad_(False)
         models.vae.requires_grad_(False)
-        lora = add_lora(models.text_encoder, opts.rank, opts.alpha, opts.target_modules)
         init_phrases = {c.token: opts.init_phrase or self.style.descriptor for c in self.style.concepts}
         init_phrases |= {f"<{op}>": phrase for op, phrase in AUGMENTATIONS.items()}
-        vocabulary = models.text_encoder.get_input_embeddings().weight.detach()  # before the new rows
-        self.placeholders, init_vectors = {}, []
-        for token, phrase in init_phrases.items():
-            phrase_ids = models.tokenizer(phrase, add_special_tokens=False).input_ids
-            count = (opts.num_vectors or len(phrase_ids)) if token in self.style.tokens else 1
-            if count > len(phrase_ids):
-                raise ValueError(f"num_vectors={count} exceeds the {len(phrase_ids)} tokens of {phrase!r}")
-            # vector i starts as the mean of the i-th of `count` consecutive slices of the phrase's embeddings
-            init_vectors += [chunk.mean(0) for chunk in torch.tensor_split(vocabulary[phrase_ids], count)]
-            self.placeholders[token] = placeholder_names(token, count)
-        names = [name for names in self.placeholders.values() for name in names]
-        if models.tokenizer.add_tokens(names) != len(names):
-            raise ValueError(f"the tokenizer already knows some of {names}")
-        self.max_norm = vocabulary.norm(dim=1).mean()
-        models.text_encoder.resize_token_embeddings(len(models.tokenizer), mean_resizing=False)
-        embeddings = models.text_encoder.get_input_embeddings().weight
-        self.new_ids = torch.tensor(models.tokenizer.convert_tokens_to_ids(names))
-        with torch.no_grad():
-            embeddings[self.new_ids] = torch.stack(init_vectors).to(embeddings.dtype)
-        self.embeddings = embeddings.requires_grad_(True)
-        mask = torch.zeros(len(embeddings), 1, dtype=embeddings.dtype)
-        mask[self.new_ids] = 1
-        embeddings.register_hook(lambda grad: grad * mask.to(grad.device))  # only the new rows learn
+        self.placeholders: dict[str, list[str]] = {}  # the same names in every tokenizer: one prompt serves all
+        self.new_rows = []  # per text encoder: (its embedding matrix, the new rows' ids, their norm bound)
+        lora, embedding_groups = [], []
+        for tokenizer, encoder in models.encoder_pairs():
+            lora += add_lora(encoder, opts.rank, opts.alpha, opts.target_modules)
+            vocabulary = encoder.get_input_embeddings().weight.detach()  # before the new rows
+            init_vectors = []
+            for token, phrase in init_phrases.items():
+                phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
+                count = len(self.placeholders.get(token, ())) or (
+                    (opts.num_vectors or len(phrase_ids)) if token in self.style.tokens else 1)
+                if count > len(phrase_ids):
+                    raise ValueError(f"num_vectors={count} exceeds the {len(phrase_ids)} tokens of {phrase!r}")
+                # vector i starts as the mean of the i-th of `count` consecutive slices of the phrase's embeddings
+                init_vectors += [chunk.mean(0) for chunk in torch.tensor_split(vocabulary[phrase_ids], count)]
+                self.placeholders[token] = placeholder_names(token, count)
+            names = [name for names in self.placeholders.values() for name in names]
+            if tokenizer.add_tokens(names) != len(names):
+                raise ValueError(f"the tokenizer already knows some of {names}")
+            max_norm = vocabulary.norm(dim=1).mean()
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            embeddings = encoder.get_input_embeddings().weight
+            new_ids = torch.tensor(tokenizer.convert_tokens_to_ids(names))
+            with torch.no_grad():
+                embeddings[new_ids] = torch.stack(init_vectors).to(embeddings.dtype)
+            embeddings.requires_grad_(True)
+            mask = torch.zeros(len(embeddings), 1, dtype=embeddings.dtype)
+            mask[new_ids] = 1
+            embeddings.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))  # only the new rows learn
+            self.new_rows.append((embeddings, new_ids, max_norm))
+            embedding_groups.append(embeddings)
         return [{"params": lora, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate},
                 # no decay: with a zero gradient, AdamW leaves the other rows bitwise unchanged
-                {"params": [embeddings], "lr": opts.embedding_learning_rate, "weight_decay": 0.0}]
+                {"params": embedding_groups, "lr": opts.embedding_learning_rate, "weight_decay": 0.0}]
 
-    def trained_modules(self, cfg: TrainConfig) -> list[str]:
-        return ["text_encoder"]
+    def trained_modules(self, models: Components, cfg: TrainConfig) -> list[str]:
+        return list(models.text_encoders)
 
     def image_views(self, cfg: TrainConfig) -> list[tuple[str, ...]]:
         """Every combination of the augmentations: (), (hflip,), (grayscale,), (hflip, grayscale)."""
@@ -173,43 +183,55 @@ class TextBoost(Method):
         return torch.multinomial(p.float(), count, replacement=True, generator=generator)
 
     def extra_losses(self, models: Components, batch: TextBoostBatch) -> dict[str, torch.Tensor]:
-        from pipeline.train import encode_prompts  # imported here: pipeline.train imports the methods
-
         if self.kpl_weight == 0:
             return {}
-        encoder = getattr(models.text_encoder, "module", models.text_encoder)  # DDP wraps it on several workers
-        device = self.embeddings.device
-        tuned = encode_prompts(models, batch.preservation_prompts, device)
-        encoder.disable_adapters()
+        encoders = [unwrapped(encoder) for encoder in models.text_encoders.values()]
+        device = self.new_rows[0][0].device
+        tuned = models.family.encode_prompts(models, batch.preservation_prompts, device)
+        for encoder in encoders:
+            encoder.disable_adapters()
         try:
             with torch.no_grad():
-                frozen = encode_prompts(models, batch.preservation_prompts, device)
+                frozen = models.family.encode_prompts(models, batch.preservation_prompts, device)
         finally:
-            encoder.enable_adapters()
-        return {"knowledge_preservation": self.kpl_weight * cosine_distance(tuned.float(), frozen.float()).mean()}
+            for encoder in encoders:
+                encoder.enable_adapters()
+        distances = [cosine_distance(t.float(), f.float()).mean() for t, f in zip(tuned.parts, frozen.parts)]
+        return {"knowledge_preservation": self.kpl_weight * sum(distances) / len(distances)}
 
     def after_step(self, models: Components) -> None:
-        with torch.no_grad():  # the new rows stay no longer than an average word
-            rows = self.embeddings[self.new_ids]
-            scale = (self.max_norm / rows.norm(dim=1, keepdim=True)).clamp(max=1)
-            self.embeddings[self.new_ids] = rows * scale
+        with torch.no_grad():  # the new rows stay no longer than an average word of their encoder
+            for embeddings, new_ids, max_norm in self.new_rows:
+                rows = embeddings[new_ids]
+                scale = (max_norm / rows.norm(dim=1, keepdim=True)).clamp(max=1)
+                embeddings[new_ids] = rows * scale
 
     def eval_prompt(self, content: str, style: StyleConfig) -> str:
         placeholders = " ".join(placeholder_names(c.token, 1)[0] for c in style.concepts)
         return TRAIN_PROMPT.format(caption=content, placeholder=placeholders)
 
-    def export(self, pipe: StableDiffusionPipeline, out_dir: Path, cfg: TrainConfig) -> None:
-        save_lora(out_dir, text_encoder=pipe.text_encoder)
+    def prompts_around(self, caption: str, style: StyleConfig, count_tokens: Callable[[str], int]) -> list[str]:
+        """Each new token is one token of the tuned tokenizer ("x" stands for it): in training one concept's
+        placeholder with both augmentation tokens, at evaluation every concept's. The placeholder is as long as the
+        default init phrase, the descriptor (curation does not see train.method_options)."""
+        vectors = " ".join(["x"] * count_tokens(style.descriptor))
+        return [TRAIN_PROMPT.format(caption=caption, placeholder=vectors) + ", x" * len(AUGMENTATIONS),
+                TRAIN_PROMPT.format(caption=caption, placeholder=" ".join([vectors] * len(style.concepts)))]
+
+    def export(self, pipe: DiffusionPipeline, models: Components, out_dir: Path, cfg: TrainConfig) -> None:
+        save_lora(out_dir, models.family, **models.text_encoders)
         (out_dir / "embeddings").mkdir()
-        weights = pipe.text_encoder.get_input_embeddings().weight.detach()
         for token in self.style.tokens:
             names = self.placeholders[token]
-            vectors = weights[pipe.tokenizer.convert_tokens_to_ids(names)].clone().cpu()
-            save_file({names[0]: vectors}, out_dir / "embeddings" / f"{token.strip('<>')}.safetensors")
+            vectors = {name: encoder.get_input_embeddings().weight.detach()[tokenizer.convert_tokens_to_ids(names)]
+                       .clone().cpu()
+                       for (tokenizer, encoder), name in zip(models.encoder_pairs(), models.text_encoders)}
+            save_file(models.family.embedding_state(names[0], vectors),
+                      out_dir / "embeddings" / f"{token.strip('<>')}.safetensors")
 
-    def load_for_sampling(self, base_model: str, model_dir: str, device: str) -> StableDiffusionPipeline:
-        pipe = load_pipeline(base_model, device)
+    def load_for_sampling(self, family: Family, base_model: str, model_dir: str, device: str) -> DiffusionPipeline:
+        pipe = family.load_pipeline(base_model, device)
         for path in sorted((Path(model_dir) / "embeddings").glob("*.safetensors")):
-            pipe.load_textual_inversion(str(path))
+            family.load_embeddings(pipe, path)
         pipe.load_lora_weights(model_dir)
         return pipe

@@ -1,0 +1,311 @@
+"""A run's life: one run per folder at a time (its lock), and a Ctrl-C or a full disk that still reports, cleans up
+and stops Ray.
+
+Every run is the real `python -m jobs.<job>` in a process of its own. The scenarios run side by side, each on its own
+folder, started together by one fixture: the file takes the time of its longest chain of runs, not of all of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from pipeline.files import _tmp_beside, read_json
+from pipeline.run import finish, open_run, parse_args
+from tests.conftest import REPO, make_style
+
+TRAIN = {"max_steps": 2, "checkpoint_every": 2}
+EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
+            "seeds": [0], "num_inference_steps": 2}
+TIMEOUT = 300  # seconds, for any one job: a tiny run takes about 65 s alone on 2 cores, 150 s beside the others
+
+
+def write_config(root: Path, name: str, results_dir: Path, train: dict = TRAIN) -> Path:
+    config = {"name": name, "styles_dir": str(root / "styles"), "results_dir": str(results_dir), "baselines": [],
+              "train": train, "evaluate": EVALUATE}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Job:
+    """`python -m jobs.<job> --config CONFIG` in a session of its own (so that a signal reaches it as a terminal's
+    Ctrl-C would), its output in a log; every process it starts is remembered, to check that none outlives it."""
+
+    def __init__(self, config: Path, log: Path, job: str = "all_styles"):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+        self.log = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", f"jobs.{job}", "--config", str(config)], cwd=REPO,
+                                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started = time.monotonic()
+        self.descendants: dict[int, psutil.Process] = {}
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, condition) -> bool:
+        """Poll until condition() holds (True) or the job has ended (False)."""
+        while self.process.poll() is None:
+            try:
+                self.descendants.update({p.pid: p for p in psutil.Process(self.process.pid).children(recursive=True)})
+            except psutil.Error:  # the driver exited meanwhile
+                pass
+            if condition():
+                return True
+            if time.monotonic() - self.started > TIMEOUT:
+                for process in [psutil.Process(self.process.pid), *self.descendants.values()]:
+                    try:
+                        process.kill()
+                    except psutil.Error:
+                        pass
+                pytest.fail(f"{self.process.args} ran over {TIMEOUT} s; log: {self.log}")
+            time.sleep(0.05)
+        return False
+
+    def wait(self) -> int:
+        self.wait_until(lambda: False)
+        return self.process.returncode
+
+    def ray_processes_left(self) -> list[str]:
+        """Processes of this job's Ray still running once it has exited: those it started, and any other that
+        names its Ray session folder (one a raylet started after the last poll)."""
+        match = re.search(r"worker logs in (\S+)/logs", self.output)
+        session = match.group(1) if match else None
+        _, alive = psutil.wait_procs(list(self.descendants.values()), timeout=1)
+        found = {p.pid: p for p in alive}
+        for process in psutil.process_iter(["cmdline"]):
+            if session and session in " ".join(process.info["cmdline"] or []):
+                found[process.pid] = process
+        left = []
+        for pid, process in found.items():
+            try:
+                left.append(f"{pid}: {' '.join(process.cmdline())[:120]}")
+            except psutil.Error:  # it exited meanwhile
+                continue
+        return left
+
+
+def holder(run_dir: Path) -> dict | None:
+    """The holder recorded in the run folder's lock file; None when it names none."""
+    return read_json(run_dir / ".lock")
+
+
+def scores(run_dir: Path) -> pd.DataFrame:
+    table = pd.read_parquet(run_dir / "results.parquet", columns=["style", "method", "kid", "fid", "clip_t"])
+    return table.sort_values(["style", "method"]).reset_index(drop=True)
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Temporary files and hidden folders under the run folder, but the lock, Ray Train's storage marker and
+    generation's `.partial-<key>` folders (kept on purpose: a rerun goes on from them)."""
+    kept = re.compile(r"\.lock|\.validate_storage_marker|\..+\.partial-[0-9a-f]{16}")
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+                  if ".tmp" in p.name or (p.name.startswith(".") and not kept.fullmatch(p.name)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenarios, each in a thread of its own
+# ---------------------------------------------------------------------------------------------
+
+def alone(root: Path) -> dict:
+    """The reference: the config run alone."""
+    config = write_config(root, "alone", root / "results-alone")
+    job = Job(config, root / "alone.log")
+    code = job.wait()
+    run_dir = root / "results-alone" / "alone"
+    return {"code": code, "output": job.output, "config": config, "run_dir": run_dir,
+            "scores": scores(run_dir) if code == 0 else None}
+
+
+def ctrl_c_in_training(root: Path) -> dict:
+    """SIGINT to the job's process group (as a terminal's Ctrl-C) once training has saved its first checkpoint."""
+    config = write_config(root, "ctrl-c", root / "results-ctrl-c", train={"max_steps": 400, "checkpoint_every": 5})
+    run_dir = root / "results-ctrl-c" / "ctrl-c"
+    job = Job(config, root / "ctrl-c.log")
+
+    def checkpointed() -> bool:
+        return any((run_dir / "ray_train").glob("*/checkpoint_manager_snapshot.json"))
+
+    assert job.wait_until(checkpointed), job.output[-3000:]
+    os.killpg(job.process.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    code = job.wait()
+    return {"code": code, "output": job.output, "seconds": time.monotonic() - interrupted, "run_dir": run_dir,
+            "ray_left": job.ray_processes_left()}
+
+
+def disk_full_then_two_runs(root: Path) -> dict:
+    """results_dir on a 32 KiB tmpfs: the lock's record, config.json and the curation report fit, the curated
+    Parquet does not. Then the tmpfs grows to 256 MiB and the same command runs again; once that run holds the
+    lock, the same command is started a second time beside it."""
+    disk = root / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        config = write_config(root, "full", disk)
+        run_dir = disk / "full"
+        full = Job(config, root / "full.log")
+        result = {"code": full.wait(), "output": full.output, "run_dir": run_dir, "leftovers": leftovers(run_dir),
+                  "summary": read_json(run_dir / "summary.json"), "ray_left": full.ray_processes_left()}
+        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
+        first = Job(config, root / "first.log")
+        assert first.wait_until(lambda: (holder(run_dir) or {}).get("pid") == first.process.pid), first.output[-3000:]
+        second = Job(config, root / "second.log")
+        result.update(second_code=second.wait(), second_output=second.output,
+                      second_seconds=time.monotonic() - second.started, first_pid=first.process.pid,
+                      first_still_running=first.process.poll() is None)
+        result.update(first_code=first.wait(), first_output=first.output, lock_after=(run_dir / ".lock").read_text())
+        result["first_scores"] = scores(run_dir) if result["first_code"] == 0 else None
+        return result
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lifecycle")
+    make_style(root / "styles", "ink", "zwx")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scenarios(root):
+    """Every scenario's result, as a future: all start at the first test."""
+    runs = {"alone": alone, "ctrl_c": ctrl_c_in_training, "disk_full": disk_full_then_two_runs}
+    with ThreadPoolExecutor(len(runs)) as pool:
+        yield {name: pool.submit(run, root) for name, run in runs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+# ---------------------------------------------------------------------------------------------
+
+def test_a_dead_runs_lock_is_taken_over_with_a_message(root, capsys):
+    """A lock file that names a process that has exited, its flock long gone with it."""
+    config = write_config(root, "stale", root / "results-stale")
+    run_dir = root / "results-stale" / "stale"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir.mkdir(parents=True)
+    record = {"host": socket.gethostname(), "pid": dead.pid, "since": "2026-01-01T00:00:00+00:00",
+              "command": "python -m jobs.train"}
+    (run_dir / ".lock").write_text(json.dumps(record))
+    capsys.readouterr()
+    run = open_run(parse_args(__doc__, ["--config", str(config)]))
+    try:
+        out = capsys.readouterr().out
+        assert (f"[run] taking over the lock of pid {dead.pid} on host {socket.gethostname()}, since "
+                "2026-01-01T00:00:00+00:00: python -m jobs.train (no longer running)") in out
+        assert holder(run_dir)["pid"] == os.getpid()
+    finally:
+        run.release()
+    assert holder(run_dir) is None  # its record cleared: the next run has nothing to take over
+
+
+def test_a_run_starts_by_removing_what_interrupted_writes_left(root, capsys):
+    """What a run killed halfway through its writes leaves, made by the writers' own first steps; and what a rerun
+    goes on from, which stays."""
+    config = write_config(root, "leftovers", root / "results-leftovers")
+    run_dir = root / "results-leftovers" / "leftovers"
+    _tmp_beside(run_dir / "curated" / "ink.parquet")  # write_parquet_atomic's file, killed before its rename
+    (run_dir / "models" / "ink").mkdir(parents=True)
+    export = Path(tempfile.mkdtemp(dir=run_dir / "models" / "ink", prefix=".styleboost."))  # export's model folder
+    (export / "model_index.json").write_text("{}")
+    partial = run_dir / "samples" / "ink" / f".base.partial-{'0' * 16}"  # generation's, kept for the rerun
+    partial.mkdir(parents=True)
+    (partial / "p000_s0.png").write_bytes(b"a finished sample")
+    (partial / "p001_s0.tmp.png").write_bytes(b"half a sample")
+    capsys.readouterr()
+    open_run(parse_args(__doc__, ["--config", str(config)])).release()
+    out = capsys.readouterr().out
+    assert f"[run] removed 3 temporary file(s) and folder(s) of interrupted writes under {run_dir}" in out
+    assert leftovers(run_dir) == []
+    assert [p.name for p in partial.iterdir()] == ["p000_s0.png"]
+
+
+def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_holder(scenarios):
+    result = scenarios["disk_full"].result()
+    assert result["second_code"] == 2, result["second_output"][-3000:]
+    assert result["first_still_running"]
+    message = result["second_output"]
+    assert f"pid {result['first_pid']} on host {socket.gethostname()}, since " in message
+    assert "-m jobs.all_styles --config" in message  # the holder's command
+    assert "Wait for it to finish, or stop that run" in message and "just rerun" in message
+    assert "[ray]" not in message  # refused before starting anything
+    print(f"second run refused {result['second_seconds']:.1f} s after it started")
+
+
+def test_the_first_run_is_undisturbed_and_scores_as_a_lone_run(scenarios):
+    """Also the rerun after the full disk below: it goes on from what the failed run left, and gets the lone
+    run's results."""
+    result, lone = scenarios["disk_full"].result(), scenarios["alone"].result()
+    assert result["first_code"] == 0, result["first_output"][-3000:]
+    assert lone["code"] == 0, lone["output"][-3000:]
+    pd.testing.assert_frame_equal(result["first_scores"], lone["scores"])
+    assert "taking over" not in result["first_output"]  # the failed run gave its lock back
+    assert result["lock_after"] == ""  # and so did this one, on exit
+
+
+def test_results_of_an_earlier_command_are_not_shown_as_this_ones(scenarios, capsys):
+    lone = scenarios["alone"].result()
+    results, report = lone["run_dir"] / "results.parquet", lone["run_dir"] / "report.html"
+    assert f"  results.parquet  {results}" in lone["output"] and f"  report.html      {report}" in lone["output"]
+    run = open_run(parse_args(__doc__, ["--config", str(lone["config"])]))  # a command that writes neither
+    try:
+        capsys.readouterr()
+        assert finish(run) == 0
+    finally:
+        run.release()
+    out = capsys.readouterr().out
+    assert f"results.parquet (from an earlier command)  {results}" in out
+    assert f"report.html (from an earlier command)  {report}" in out
+    assert read_json(lone["run_dir"] / "summary.json")["ink"]["curate"] == "ok"  # the earlier command's, kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and a full disk
+# ---------------------------------------------------------------------------------------------
+
+def test_ctrl_c_reports_cleans_up_and_stops_ray(scenarios):
+    result = scenarios["ctrl_c"].result()
+    output, run_dir = result["output"], result["run_dir"]
+    assert result["code"] == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert "[run] interrupted (Ctrl-C) during train" in output
+    assert read_json(run_dir / "summary.json") == {"ink": {"curate": "ok", "train": "interrupted (Ctrl-C)"}}
+    assert leftovers(run_dir) == []
+    assert result["ray_left"] == []
+    assert holder(run_dir) is None
+    print(f"exited {result['seconds']:.1f} s after the Ctrl-C")
+
+
+def test_a_full_disk_names_the_path_and_the_free_space_and_cleans_up(scenarios):
+    result = scenarios["disk_full"].result()
+    output, run_dir = result["output"], result["run_dir"]
+    assert result["code"] == 1, output[-3000:]
+    assert "Traceback" not in output
+    message = re.search(rf"disk full: {re.escape(str(run_dir / 'curated' / 'ink.parquet'))}: [\d.]+ KiB free",
+                        output)
+    assert message, output[-3000:]
+    assert f"[run] {message.group(0)} during curate" in output
+    assert result["summary"] == {"ink": {"curate": message.group(0)}}
+    assert result["leftovers"] == []
+    assert result["ray_left"] == []
