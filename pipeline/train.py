@@ -139,7 +139,10 @@ def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[t
         while queue and len(pending) < slots:
             group = queue.pop(0)
             pending[start_group(group)] = (group, time.time())
-        [done], _ = ray.wait(list(pending), num_returns=1)
+        ready: list = []
+        while not ready:  # in short waits: a Ctrl-C is raised between them, never held until a group ends
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        [done] = ready
         group, started = pending.pop(done)
         try:
             ray.get(done)
