@@ -11,11 +11,15 @@
    images as 1024 px JPEGs (to 512 px), once and four times: each one's fixed cost per pass and rate per image.
 5. Evaluation: generated images/s (8 prompts x 2 seeds, 20 steps, tiny pipeline) and features/s
    (the toy backbone).
+6. Where the default run's time goes: the timings.json its last command wrote (Ray start, curation, each training
+   group's start-up and its jobs in the warm worker, sampling, reference PNGs, scoring, report, Ray stop), against its
+   compute timed here on one thread (its training steps, sampled images and features): the whole run over its compute.
 
-CPU: the tiny preset at 64 px. CUDA: also an SD1.5-shaped model (random weights) at 512 px, both in bf16.
+The tiny preset at 64 px (bf16 on CUDA; the GPU check at real model size is `python -m bench.gpu`).
 Prints a table and writes results/bench/<date>.json.
 
     python -m bench.run [--set KEY=VALUE ...]   # train options for "ours", e.g. --set compile=true
+    python -m bench.run --breakdown-only [--run-dir results/tiny-demo]   # part 6 alone
 """
 from __future__ import annotations
 
@@ -37,32 +41,34 @@ import torch
 import torch.nn.functional as F
 import transformers
 import yaml
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.reference_loop import PRECISIONS, ReferenceLoop
-from pipeline.backbones import toy_clip, toy_inception
-from pipeline.config import CurateConfig, RunConfig, TrainConfig, load_styles
-from pipeline.curate import DecodeBatch, curate_styles, decode_all, list_candidates
-from pipeline.data import StyleData
-from pipeline.families import get_family
-from pipeline.families.base import Components
-from pipeline.generate import TOY_PROMPTS
-from pipeline.methods import get_method
-from pipeline.models import resolve_base_model
-from pipeline.run import REGISTRY, Run, start_ray
-from pipeline.sampling import SampleJob, generate_images
-from pipeline.loop import (apply_fast_paths, build_optimizer, encode_latent_cache, optimisation_step, sample_latents,
+from style_factory.backbones import toy_clip, toy_inception
+from style_factory.config import CurateConfig, RunConfig, StyleConfig, TrainConfig, load_styles
+from style_factory.curate import DecodeBatch, curate_styles, decode_all, list_candidates
+from style_factory.data import StyleData
+from style_factory.families import get_family
+from style_factory.families.base import Components
+from style_factory.generate import TOY_PROMPTS
+from style_factory.methods import get_method
+from style_factory.models import resolve_base_model
+from style_factory.export import load_method
+from style_factory.files import read_json
+from style_factory.run import REGISTRY, TIMINGS_FILE, Run, start_ray
+from style_factory.sampling import SAMPLES_MARKER, SampleJob, batch_size_for, generate_images
+from style_factory.loop import (apply_fast_paths, build_optimizer, encode_latent_cache, optimisation_step, sample_latents,
                            step_generator)
-from pipeline.train import plan_training, train_all
+from style_factory.train import plan_training, train_all
+from style_factory.train_job import MODEL_CARD, TrainJob
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 3
 ROUNDS, STEPS_PER_ROUND = 10, 4  # the loops take turns, so load from other processes hits all of them alike
 FAN_OUT_STEPS = 10
+BREAKDOWN_STEPS = 5  # steps timed per distinct training setup of the run whose time is broken down
 # Dense bf16 tensor-core peaks, TFLOP/s, by a part of torch.cuda.get_device_name(); the first match wins.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L40", 181),
                     ("L4", 121), ("RTX 4090", 165)]
@@ -76,21 +82,6 @@ class Setup:
     build: Callable[[], Components]  # a fresh copy, bitwise the same weights every call
     resolution: int
     mixed_precision: str
-
-
-def sd15_components(tiny: Components) -> Components:
-    """Stable Diffusion 1.5's networks with random weights (nothing is downloaded), with the tiny preset's
-    tokenizer and noise schedule (SD1.5's): UNet 859.5 M parameters, VAE 83.7 M, CLIP ViT-L/14 text encoder."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # every other default is SD1.5's
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=49407))
-    return replace(tiny, unet=unet, vae=vae, text_encoders={"text_encoder": text_encoder}, frozen_prompts={},
-                   source="sd15-shaped, random weights")
 
 
 def synthetic_style(resolution: int, images: int = 16) -> StyleData:
@@ -280,7 +271,7 @@ def bench_evaluation(workdir: Path, base_model: str, device: torch.device) -> di
                     num_inference_steps=steps, guidance_scale=5.0)
     start = time.perf_counter()
     # loading the pipeline and writing the PNGs included, as in the stage
-    generate_images(job, get_family("sd1").load_pipeline(base_model, str(device)))
+    generate_images(job, get_family("sd1").load_pipeline(base_model, str(device)), batch_size_for("auto", str(device)))
     generate_s = time.perf_counter() - start
     images = [Image.open(path).convert("RGB") for path in sorted((workdir / "samples").glob("*.png"))]
     inception, clip = toy_inception(str(device)), toy_clip(str(device))
@@ -293,6 +284,151 @@ def bench_evaluation(workdir: Path, base_model: str, device: torch.device) -> di
     return {"images": len(images), "inference_steps": steps, "generate_s": generate_s,
             "generated_images_per_s": len(images) / generate_s, "feature_images": len(feature_images),
             "feature_images_per_s": {name: len(feature_images) / s for name, s in features_s.items()}}
+
+
+def step_compute(job: TrainJob, device: torch.device, warmup_steps: int) -> float:
+    """The seconds `job`'s steps take in this process on a warm model, set up as train_job sets it up (on CPU with
+    the worker's threads: one per `cpus_per_worker`)."""
+    cfg = TrainConfig.model_validate(job.train)
+    method, data = load_method(job), job.load_data()
+    models = get_family(job.family).load_components(job.base_model)
+    torch.manual_seed(cfg.seed)
+    param_groups = method.prepare(models, cfg)
+    for part in (models.vae, *models.text_encoders.values(), models.unet):
+        part.to(device)
+    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    apply_fast_paths(models, cfg)
+    optimizer = build_optimizer(param_groups, cfg, device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    try:
+        for step in range(warmup_steps):
+            optimisation_step(models, method, data, cache, optimizer, cfg, step, 0, device)
+        return sum(seconds(lambda: optimisation_step(models, method, data, cache, optimizer, cfg, step, 0, device),
+                           device) for step in range(cfg.max_steps))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_compute(run_dir: Path, jobs: list[dict], samples: dict, images: dict[str, int]) -> dict:
+    """The run's compute, timed here on one thread (as each of its workers and actors runs): every trained job's
+    steps (its method and train settings on its curated data, BREAKDOWN_STEPS of them, scaled to its steps), its
+    sampled images (the samples' protocol) and the features of every scored image (the toy backbones)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    try:
+        step_s: dict[str, float] = {}
+        train_s = 0.0
+        for timing in jobs:
+            card = read_json(Path(timing["model_dir"]) / MODEL_CARD)
+            settings = json.dumps([card["method"], {**card["train"], "max_steps": 0}], sort_keys=True)
+            if settings not in step_s:
+                style = StyleConfig(display_name=card["style"], descriptor=card["style"],
+                                    concepts=[{"token": t, "class_word": "style"} for t in card["tokens"]])
+                job = TrainJob(style=card["style"], method=card["method"], family=card["family"], key="bench",
+                               base_model=card["base_model"], model_dir="", log_path="", storage_path="",
+                               curated_path=str(run_dir / "curated" / card["data"]["file"]),
+                               style_config=style.model_dump(), train={**card["train"], "max_steps": BREAKDOWN_STEPS})
+                step_s[settings] = step_compute(job, cpu, warmup_steps=1) / BREAKDOWN_STEPS
+            train_s += timing["steps"] * step_s[settings]
+        pipe = get_family(samples["family"]).load_pipeline(samples["base_model"])
+        batch = len(samples["seeds"])
+        sample_s = seconds(lambda: pipe(TOY_PROMPTS[:batch], num_inference_steps=samples["num_inference_steps"],
+                                        guidance_scale=samples["guidance_scale"], height=samples["resolution"],
+                                        width=samples["resolution"]), cpu) / batch
+        pictures = [Image.new("RGB", (samples["resolution"],) * 2, (i, 128, 255 - i)) for i in range(32)]
+        feature_s = 0.0
+        for embed in (toy_inception("cpu").embed, toy_clip("cpu").embed_images):
+            embed(pictures[:2])
+            feature_s += seconds(lambda: embed(pictures), cpu) / len(pictures)
+    finally:
+        torch.set_num_threads(threads)
+    return {"training_steps": train_s, "sampling": images["sampled"] * sample_s,
+            "features": (images["sampled"] + images["reference"]) * feature_s,
+            "step_s": list(step_s.values()), "sample_s_per_image": sample_s, "feature_s_per_image": feature_s}
+
+
+def default_run_breakdown(run_dir: Path) -> dict | None:
+    """Where a run's wall time went, from the timings.json its last command wrote (style_factory/run.py `Run.timed`), its
+    model cards and samples, against its compute (run_compute). None when the folder has no timings."""
+    timings = read_json(run_dir / TIMINGS_FILE)
+    if not timings:
+        return None
+    spans = timings["spans"]
+
+    def total(what: str) -> float:
+        return sum(span["seconds"] for span in spans if span["what"] == what)
+
+    def start(what: str) -> float | None:
+        return min((span["start"] for span in spans if span["what"] == what), default=None)
+
+    def end(what: str) -> float | None:
+        return max((span["start"] + span["seconds"] for span in spans if span["what"] == what), default=None)
+
+    jobs = [span for span in spans if span["what"] == "train job" and span["steps"]]
+    zero_shot = {span["job"]: span["group_seconds"] for span in spans if span["what"] == "train job"
+                 and not span["steps"]}  # each prepared in a Ray task of its own
+    groups = {}
+    for job in jobs:
+        group = groups.setdefault(job["group"], {"wall_s": job["group_seconds"], "jobs_s": 0.0, "jobs": 0})
+        group["jobs_s"] += job["seconds"]
+        group["jobs"] += 1
+    for group in groups.values():  # the Ray Train run's start-up, its worker process and the base model's load
+        group["start_up_s"] = group["wall_s"] - group["jobs_s"]
+    sampled = [d for d in (run_dir / "samples").glob("*/*") if d.is_dir() and d.name not in ("ref", "heldout")]
+    images = {"sampled": sum(len(list(d.glob("p*.png"))) for d in sampled),
+              "reference": sum(len(list(d.glob("*.png"))) for d in (run_dir / "samples").glob("*/ref"))}
+    samples = next((read_json(d / SAMPLES_MARKER) for d in sampled if (d / SAMPLES_MARKER).is_file()), None)
+    first_stage = start("class images") or start("train") or start("sample")
+    phases = {
+        "python start-up, imports, config checks": start("ray start") - timings["process_start"],
+        "ray start": total("ray start"),
+        "curation (Ray Data)": first_stage - end("ray start") if first_stage else 0.0,
+        "class images": total("class images"),
+        "training (Ray Train groups, concurrent)": total("train"),
+        "sampling (Ray Data actors: start-up, model loads, sampling, PNG writes)": total("sample"),
+        "reference PNG writes": total("reference PNGs"),
+        "scoring (a Ray task: start-up, backbone loads, features, metrics)": total("score"),
+        "results, report, summary": (start("ray stop") or timings["end"]) - (end("score") or end("train") or 0.0),
+        "ray stop": total("ray stop"),
+    }
+    wall = timings["end"] - timings["process_start"]
+    compute = run_compute(run_dir, jobs, samples, images) if jobs and samples else None
+    slots = max(1, len(groups))
+    result = {"run_dir": str(run_dir), "command": timings["command"], "wall_s": wall, "phases_s": phases,
+              "groups": groups, "zero_shot_tasks_s": zero_shot, "images": images, "compute_s": compute, "concurrent_slots": slots}
+    if compute:
+        compute_total = compute["training_steps"] + compute["sampling"] + compute["features"]
+        result["compute_total_s"] = compute_total
+        result["wall_over_compute"] = wall / (compute_total / slots)
+    return result
+
+
+def breakdown_table(b: dict) -> str:
+    lines = [f"Where the run's wall time goes: {b['run_dir']} ({b['command']})",
+             f"  {'whole command':72s}{b['wall_s']:8.1f} s"]
+    lines += [f"  {name:72s}{seconds:8.1f} s" for name, seconds in b["phases_s"].items()]
+    for name, group in b["groups"].items():
+        lines.append(f"    group {name[:40]}: wall {group['wall_s']:.1f} s = start-up {group['start_up_s']:.1f} s "
+                     f"+ {group['jobs']} job(s) in the warm worker {group['jobs_s']:.1f} s")
+    for name, seconds in b["zero_shot_tasks_s"].items():
+        lines.append(f"    zero-shot {name}: its Ray task {seconds:.1f} s")
+    c = b["compute_s"]
+    if c:
+        lines += [f"  compute, timed here on one thread: training steps {c['training_steps']:.1f} s, sampling "
+                  f"{c['sampling']:.1f} s ({b['images']['sampled']} images), features {c['features']:.1f} s",
+                  f"  whole command over its compute spread over {b['concurrent_slots']} slots: "
+                  f"{b['wall_over_compute']:.2f}x"]
+    return "\n".join(lines)
+
+
+def print_breakdown(run_dir: Path) -> dict | None:
+    breakdown = default_run_breakdown(run_dir)
+    print("\n" + (breakdown_table(breakdown) if breakdown else
+                  f"No timings.json in {run_dir}: run `make all-styles` first for the default run's breakdown."))
+    return breakdown
 
 
 def table(results: dict) -> str:
@@ -335,7 +471,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a train option for our step (YAML value), e.g. compile=true; repeatable")
+    parser.add_argument("--run-dir", type=Path, default=REPO / "results" / "tiny-demo",
+                        help="the run whose wall time is broken down (default: the default run's folder)")
+    parser.add_argument("--breakdown-only", action="store_true", help="only break down --run-dir's wall time")
     args = parser.parse_args(argv)
+    if args.breakdown_only:
+        print_breakdown(args.run_dir)
+        return
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     TrainConfig.model_validate(overrides)  # a bad option fails before anything runs
     diffusers.utils.logging.set_verbosity_error()
@@ -354,9 +496,6 @@ def main(argv: list[str] | None = None) -> None:
         tiny_model = resolve_base_model("tiny", workdir / "base-models")
         sd1 = get_family("sd1")
         setups = [Setup("tiny 64px", lambda: sd1.load_components(tiny_model), 64, precision)]
-        if device.type == "cuda":
-            setups.append(Setup("sd15-shaped 512px", lambda: sd15_components(sd1.load_components(tiny_model)), 512,
-                                precision))
         for setup in setups:
             print(f"[bench] training step: {setup.name}", flush=True)
             results["training"].append(bench_training(setup, overrides, device))
@@ -375,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         results["evaluation"] = bench_evaluation(workdir, tiny_model, device)
 
     print("\n" + table(results))
+    results["default_run"] = print_breakdown(args.run_dir)
     out = REPO / "results" / "bench" / f"{time.strftime('%Y-%m-%d_%H%M%S', started)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

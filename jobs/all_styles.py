@@ -1,12 +1,16 @@
-"""Curate, train, evaluate and report every style: `python -m jobs.all_styles [--config RUN.yaml] [--style NAME]`."""
-from pipeline.curate import curate_styles
-from pipeline.evaluate import evaluate
-from pipeline.report import write_report
-from pipeline.run import Run, finish, parse_args, run_job
-from pipeline.train import train_styles
+"""Curate, train, evaluate, decide and report every style: `python -m jobs.all_styles [--config RUN.yaml] [--style NAME]`."""
+from style_factory.run import Run, finish, parse_args, run_job
 
 
 def stages(run: Run) -> int:
+    # the stages load torch, Ray and the models: imported once the run and its models check out, so a wrong
+    # config or a missing model fails in seconds
+    from style_factory.curate import curate_styles
+    from style_factory.decide import decide
+    from style_factory.evaluate import evaluate
+    from style_factory.report import write_report
+    from style_factory.train import train_styles
+
     run.stage = "curate"
     curate_styles(run)
     run.stage = "train"
@@ -15,6 +19,8 @@ def stages(run: Run) -> int:
     results = evaluate(run, trained)
     if results:
         run.written.append(results)
+        run.stage = "decide"
+        run.written.append(decide(run.dir, run.config.evaluate.selection))
         run.stage = "report"
         run.written.append(write_report(run.dir))
     return finish(run)

@@ -1,9 +1,11 @@
 """Curate the styles into Parquet and a curation report: `python -m jobs.curate [--config RUN.yaml] [--style NAME]`."""
-from pipeline.curate import curate_styles
-from pipeline.run import Run, finish, parse_args, run_job
+from style_factory.run import Run, finish, parse_args, run_job
 
 
 def stages(run: Run) -> int:
+    # imported here, not at the top: see jobs/all_styles.py
+    from style_factory.curate import curate_styles
+
     run.stage = "curate"
     curate_styles(run)
     return finish(run)

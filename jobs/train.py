@@ -1,11 +1,13 @@
 """Train every style x method on curated data (curating first where needed):
 `python -m jobs.train [--config RUN.yaml] [--style NAME]`."""
-from pipeline.curate import curate_styles
-from pipeline.run import Run, finish, parse_args, run_job
-from pipeline.train import train_styles
+from style_factory.run import Run, finish, parse_args, run_job
 
 
 def stages(run: Run) -> int:
+    # imported here, not at the top: see jobs/all_styles.py
+    from style_factory.curate import curate_styles
+    from style_factory.train import train_styles
+
     run.stage = "curate"
     curate_styles(run)  # reuses up-to-date curated data; training is keyed by it
     run.stage = "train"

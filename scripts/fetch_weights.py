@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # so the script runs from a plain checkout
 
-from pipeline import backbones  # noqa: E402
+from style_factory import backbones  # noqa: E402
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 HUB_FILES = {  # local name -> (Hugging Face repo, file in it)

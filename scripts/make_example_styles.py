@@ -21,8 +21,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # so the script runs from a plain checkout, without installing anything
 
-from pipeline.renderers import RENDERERS  # noqa: E402
-from pipeline.toyworld import BACKGROUNDS, SIZES, caption, sample_scene  # noqa: E402
+from style_factory.renderers import RENDERERS  # noqa: E402
+from style_factory.toyworld import BACKGROUNDS, SIZES, caption, sample_scene  # noqa: E402
 
 WIDE, TALL = (128, 96), (96, 128)  # a few non-square images exercise the pipeline's centre crop
 

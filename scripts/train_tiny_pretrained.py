@@ -1,9 +1,9 @@
 """Train `tiny-pretrained` and the toy metric backbone from scratch, and write them where the pipeline loads them.
 
-    python scripts/train_tiny_pretrained.py [--out pipeline/assets] [--work results/pretrain] [--set unet_steps=3000]
+    python scripts/train_tiny_pretrained.py [--out style_factory/assets] [--work results/pretrain] [--set unet_steps=3000]
                                             [--cpu-hour] [--only clip|vae]
 
-The defaults of pipeline.pretrain.PretrainConfig are the shipped model's: 17 minutes on one H100 (CLIP and VAE
+The defaults of style_factory.pretrain.PretrainConfig are the shipped model's: 17 minutes on one H100 (CLIP and VAE
 trained at once with `--only clip` and `--only vae` in two processes, then this command without `--only`), about
 12 hours on 2 CPU cores. `--cpu-hour` is the short run (79 minutes on 2 CPU cores): color, size and background
 are learnt, the object's kind is not. Everything is seeded, so a rerun reproduces the shipped figures closely
@@ -19,8 +19,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # so the script runs from a plain checkout
 
-from pipeline.models import ASSETS_DIR  # noqa: E402
-from pipeline.pretrain import CPU_HOUR, PretrainConfig, pretrain  # noqa: E402
+from style_factory.models import ASSETS_DIR  # noqa: E402
+from style_factory.pretrain import CPU_HOUR, PretrainConfig, pretrain  # noqa: E402
 
 
 def parse_overrides(pairs: list[str], cpu_hour: bool) -> PretrainConfig:
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a PretrainConfig field, e.g. --set unet_steps=500")
     parser.add_argument("--cpu-hour", action="store_true",
-                        help="the short CPU run's lengths (pipeline.pretrain.CPU_HOUR); --set still applies on top")
+                        help="the short CPU run's lengths (style_factory.pretrain.CPU_HOUR); --set still applies on top")
     parser.add_argument("--only", choices=("clip", "vae"),
                         help="train just this phase into --work (two processes can train both at once); "
                              "a later run without --only loads it")

@@ -1,23 +1,21 @@
-"""Shared fixtures: one local Ray instance per test session, the tiny model written once, style builders."""
+"""Shared fixtures: one local Ray instance per test session, the tiny model written once, one end-to-end run.
+
+Builders and loaders the tests share live in tests/helpers.py.
+"""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from pipeline.families import get_family
-from pipeline.models import resolve_base_model
+from style_factory.models import resolve_base_model
+from tests.helpers import copy_example_styles
 
-REPO = Path(__file__).resolve().parent.parent
+E2E_STYLES = ["pixel-art", "anime"]  # one with two tokens
 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    from pipeline.run import start_ray
+    from style_factory.run import start_ray
 
     start_ray()
     import ray
@@ -31,38 +29,32 @@ def tiny_model(tmp_path_factory) -> str:
     return resolve_base_model("tiny", tmp_path_factory.mktemp("base-models"))
 
 
-def load_sd1(path: str):
-    """The training Components of an SD 1.x folder (the tiny presets are SD 1.x)."""
-    return get_family("sd1").load_components(path)
+@pytest.fixture(scope="session")
+def e2e_run(ray_session, tmp_path_factory):
+    """Two example styles through curate -> train -> evaluate -> decide -> report, once per session: (run folder,
+    config path, exit code). Tests that read a real run folder share it; a test may rerun the same config on it."""
+    from jobs import all_styles
+
+    root = tmp_path_factory.mktemp("e2e")
+    copy_example_styles(root / "styles", E2E_STYLES)
+    for style in E2E_STYLES:  # the run's few steps, not the examples' own overrides (merging is tested in test_config)
+        style_yaml = root / "styles" / style / "style.yaml"
+        style_yaml.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(style_yaml.read_text()).items()
+                                              if k != "train"}))
+    config = {
+        "name": "e2e", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
+        "train": {"max_steps": 4, "checkpoint_every": 2},
+        "evaluate": {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
+                     "seeds": [0, 1], "num_inference_steps": 3},
+    }
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    exit_code = all_styles.main(["--config", str(config_path)])
+    return root / "results" / "e2e", config_path, exit_code
 
 
-def load_sd1_pipeline(path: str, device: str = "cpu"):
-    """The DDIM sampling pipeline of an SD 1.x folder."""
-    return get_family("sd1").load_pipeline(path, device)
-
-
-def noise_image(seed: int, size: tuple[int, int] = (80, 80), mode: str = "RGB") -> Image.Image:
-    """A random, structured image: distinct seeds give images far apart for any perceptual hash."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize(size, Image.Resampling.NEAREST).convert(mode)
-
-
-def make_style(root: Path, name: str, token: str, n_ref: int = 6, n_aux: int = 6, seed: int = 0, **extra) -> Path:
-    """A minimal valid style folder with distinct images and caption sidecars."""
-    style = root / name
-    for role, count in (("ref", n_ref), ("aux", n_aux)):
-        (style / role).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            noise_image(seed * 1000 + (0 if role == "ref" else 500) + i).save(style / role / f"{role}_{i:02d}.png")
-            (style / role / f"{role}_{i:02d}.txt").write_text(f"a {role} picture number {i}")
-    config = {"display_name": name.title(), "descriptor": f"{name} style", "method": "styleboost",
-              "concepts": [{"token": token, "class_word": "style"}], **extra}
-    (style / "style.yaml").write_text(yaml.safe_dump(config))
-    return style
-
-
-def copy_example_styles(dest: Path, names: list[str]) -> Path:
-    for name in names:
-        shutil.copytree(REPO / "styles" / name, dest / name)
-    return dest
+def pytest_collection_modifyitems(items):
+    """A test that needs the session's Ray instance is a `ray` test, however deep the fixture sits."""
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)

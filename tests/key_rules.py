@@ -10,8 +10,11 @@ Both tools run UNets in the original ldm / SGM naming (`input_blocks.4.1...`), s
 to the diffusers / transformers module path of `modules` (the dict of tests/real_shapes.py), and a key counts as
 resolved only when that path is a torch.nn.Linear or Conv2d there.
 
+Both tools then scale each module's up @ down by alpha / rank (`lora_scales`) and reshape it to the weight
+(`misfit_shapes`), the same way in each.
+
 Left out: the other formats both tools read (diffusers / peft `unet.…lora_A`, `lycoris_`, `text_encoders.`,
-LoHa / LoKr / OFT / DoRA parts), Stable Cascade / SD3 / Flux names, SD 2.x, and weight shapes (names only).
+LoHa / LoKr / OFT / DoRA parts), Stable Cascade / SD3 / Flux names, SD 2.x.
 """
 from __future__ import annotations
 
@@ -274,3 +277,39 @@ def a1111_unresolved(keys: Iterable[str], family: str, modules: Mapping[str, nn.
     targets = {prefix: match[1] if match is not None and applied(match[0]) else None
                for prefix, match in matches.items()}
     return _report(keys, parts, targets, modules)
+
+
+# ---- what both tools do with a resolved pair
+
+
+def lora_scales(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each module's factor on up @ down at strength 1, as both tools compute it: alpha / rank, the rank being
+    lora_down's first dimension, and 1.0 where the file has no alpha (ComfyUI comfy/weight_adapter/lora.py
+    `calculate_weight`; A1111 network.py NetworkModule.calc_scale)."""
+    scales = {}
+    for key, down in state.items():
+        if key.endswith(".lora_down.weight"):
+            prefix = key[:-len(".lora_down.weight")]
+            alpha = state.get(f"{prefix}.alpha")
+            scales[prefix] = 1.0 if alpha is None else float(alpha) / down.shape[0]
+    return scales
+
+
+def misfit_shapes(state: Mapping[str, torch.Tensor], family: str, modules: Mapping[str, nn.Module]) -> list[str]:
+    """The prefixes whose up @ down cannot be reshaped to the weight of the module ComfyUI patches with them: both
+    tools flatten each matrix past its first dimension, multiply (out, r) by (r, in * kernel) and reshape to the
+    weight (a Linear's (out, in), a Conv2d's (out, in, kh, kw))."""
+    names, misfits = comfyui_names(family, modules), []
+    for key, down in state.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        prefix = key[:-len(".lora_down.weight")]
+        up, (component, path) = state[f"{prefix}.lora_up.weight"], names[prefix]
+        root = modules[component]
+        if path.startswith("text_model.") and not hasattr(root, "text_model"):  # as _is_layer
+            path = path[len("text_model."):]
+        weight = root.get_submodule(path).weight
+        if not (up.shape[0] == weight.shape[0] and up.flatten(1).shape[1] == down.shape[0]
+                and down.flatten(1).shape[1] == weight[0].numel()):
+            misfits.append(prefix)
+    return misfits

@@ -7,23 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import files
-from pipeline.families import FAMILIES
-from pipeline.files import code_version
-from pipeline.methods import METHODS
+from style_factory import files
+from style_factory.families import FAMILIES
+from style_factory.files import code_version
+from style_factory.methods import METHODS
 
 
 @pytest.fixture
 def pipeline_copy(tmp_path, monkeypatch) -> Path:
     """An editable copy of pipeline/ that code_version reads instead of the real one."""
-    copy = tmp_path / "pipeline"
-    shutil.copytree(files.PIPELINE_DIR, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
-    monkeypatch.setattr(files, "PIPELINE_DIR", copy)
+    copy = tmp_path / "style_factory"
+    shutil.copytree(files.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    monkeypatch.setattr(files, "PACKAGE_DIR", copy)
     return copy
 
 
 def job_keys(family: str = "sd1") -> dict[str, str]:
-    return {name: code_version("pipeline.worker", cls.__module__, FAMILIES[family].__module__)
+    return {name: code_version("style_factory.worker", cls.__module__, FAMILIES[family].__module__)
             for name, cls in METHODS.items()}
 
 
@@ -64,5 +64,5 @@ def test_registering_a_method_retrains_nothing(pipeline_copy):
 
 def test_the_key_does_not_depend_on_where_the_repository_is(pipeline_copy, monkeypatch):
     here = job_keys()
-    monkeypatch.setattr(files, "PIPELINE_DIR", Path(__file__).resolve().parent.parent / "pipeline")
+    monkeypatch.setattr(files, "PACKAGE_DIR", Path(__file__).resolve().parent.parent / "style_factory")
     assert job_keys() == here

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, TrainConfig, load_run_config, load_style, load_styles
-from pipeline.run import REGISTRY
-from tests.conftest import REPO, make_style
+from style_factory.config import ConfigError, RunConfig, TrainConfig, load_run_config, load_style, load_styles
+from style_factory.run import REGISTRY
+from tests.helpers import REPO, make_style
 
 
 def write(path: Path, text: str) -> Path:

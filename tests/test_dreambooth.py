@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import RunConfig, TrainConfig, load_styles
-from pipeline.curate import curate_styles
-from pipeline.data import StyleData
-from pipeline.methods import get_method
-from pipeline.priors import generate_class_images, plan_class_images
-from pipeline.run import REGISTRY, Run
-from pipeline.train import plan_training, train_styles
-from tests.conftest import make_style
+from style_factory.config import RunConfig, TrainConfig, load_styles
+from style_factory.curate import curate_styles
+from style_factory.data import StyleData
+from style_factory.methods import get_method
+from style_factory.priors import generate_class_images, plan_class_images
+from style_factory.run import REGISTRY, Run
+from style_factory.train import plan_training, train_styles
+from tests.helpers import make_style
 
 CLASS_IMAGES = {"num_class_images": 3, "class_inference_steps": 2}
 

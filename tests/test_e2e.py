@@ -8,13 +8,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from diffusers import StableDiffusionPipeline
 
 from jobs import all_styles
-from tests.conftest import copy_example_styles
+from tests.conftest import E2E_STYLES
 
-STYLES = ["pixel-art", "anime"]
+STYLES = E2E_STYLES
 
 
 class ImageSources(HTMLParser):
@@ -27,24 +26,9 @@ class ImageSources(HTMLParser):
             self.sources.append(dict(attrs)["src"])
 
 
-@pytest.fixture(scope="module")
-def finished_run(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    copy_example_styles(root / "styles", STYLES)
-    for style in STYLES:  # the run's few steps, not the examples' own overrides (merging is tested in test_config)
-        style_yaml = root / "styles" / style / "style.yaml"
-        style_yaml.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(style_yaml.read_text()).items()
-                                              if k != "train"}))
-    config = {
-        "name": "e2e", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
-        "train": {"max_steps": 4, "checkpoint_every": 2},
-        "evaluate": {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
-                     "seeds": [0, 1], "num_inference_steps": 3},
-    }
-    config_path = root / "run.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    exit_code = all_styles.main(["--config", str(config_path)])
-    return root / "results" / "e2e", config_path, exit_code
+@pytest.fixture
+def finished_run(e2e_run):
+    return e2e_run  # conftest's session run, shared with the other tests that read a real run folder
 
 
 def test_every_stage_leaves_its_files(finished_run):
@@ -133,9 +117,9 @@ def test_rerun_reuses_finished_stages(finished_run):
 def test_fan_out_keeps_no_more_trainings_in_flight_than_the_cluster_runs(ray_session):
     from dataclasses import replace
 
-    from pipeline.config import TrainConfig
-    from pipeline.train import trainings_that_fit
-    from pipeline.train_job import TrainJob
+    from style_factory.config import TrainConfig
+    from style_factory.train import trainings_that_fit
+    from style_factory.train_job import TrainJob
 
     cpus = ray_session.cluster_resources()["CPU"]
     job = TrainJob(style="s", method="styleboost", family="sd1", key="k", base_model="", curated_path="",

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import backbones, metrics
-from pipeline.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, kid_change_scores, score_entries
+from style_factory import backbones, metrics
+from style_factory.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, kid_change_scores, score_entries
 
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 SEEDS = [0, 1]
@@ -75,7 +75,7 @@ def test_features_have_one_row_per_image_and_backbone_and_recompute_the_scores(s
         gen, ref_feats = stacked(method, inception.info.name), stacked("ref", inception.info.name)
         assert metrics.kid(gen, ref_feats, seed=0) == rows[method]["kid"]
         assert metrics.fid(gen, ref_feats) == rows[method]["fid"]
-        style_sim = metrics.style_similarity(stacked(method, clip.info.name), stacked("ref", clip.info.name))
+        style_sim = float(metrics.style_cosines(stacked(method, clip.info.name), stacked("ref", clip.info.name)).mean())
         assert style_sim == rows[method]["style_sim"]
         consistency = metrics.set_consistency(gen, np.array(SEEDS * len(PROMPTS)))
         assert np.mean(consistency) == pytest.approx(rows[method]["style_consistency"], abs=1e-12)

@@ -17,20 +17,20 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.config import Concept, CurateConfig, StyleConfig, TrainConfig, load_style
-from pipeline.curate import DecodeBatch, curate_style, decode_image, list_candidates
-from pipeline.data import CURATED_SCHEMA, StyleData
-from pipeline.export import export_model
-from pipeline.families import FAMILIES, get_family
-from pipeline.families.sd1 import SD1
-from pipeline.lora import DIFFUSERS_FILE, KOHYA_FILE, save_lora
-from pipeline.loop import build_optimizer, encode_latent_cache, optimisation_step, save_checkpoint
-from pipeline.methods import get_method
-from pipeline.methods.textboost import cosine_distance
-from pipeline.models import PRESETS, detect_family, resolve_base_model
-from pipeline.run import REGISTRY
-from pipeline.train_job import TrainJob
-from tests.conftest import make_style, noise_image
+from style_factory.config import Concept, CurateConfig, StyleConfig, TrainConfig, load_style
+from style_factory.curate import DecodeBatch, curate_style, decode_image, list_candidates
+from style_factory.data import CURATED_SCHEMA, StyleData
+from style_factory.export import export_model
+from style_factory.families import FAMILIES, get_family
+from style_factory.families.sd1 import SD1
+from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE, save_lora
+from style_factory.loop import build_optimizer, encode_latent_cache, optimisation_step, save_checkpoint
+from style_factory.methods import get_method
+from style_factory.methods.textboost import cosine_distance
+from style_factory.models import PRESETS, detect_family, resolve_base_model
+from style_factory.run import REGISTRY
+from style_factory.train_job import TrainJob
+from tests.helpers import make_style, noise_image
 
 FAMILY_PRESETS = {"sd1": "tiny", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
 STYLE = StyleConfig(display_name="Ink", descriptor="ink wash painting",
@@ -166,6 +166,7 @@ def test_sdxl_time_ids_are_each_images_recorded_size_and_crop(presets):
     assert seen and seen[0].tolist() == [[64.0, 96.0, 0.0, 16.0, 64.0, 64.0]] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_PRESETS)
 def test_stylealigned_without_sharing_equals_the_plain_pipeline(presets, family, tmp_path):
     torch.set_num_threads(1)  # bitwise across batch sizes needs one thread (see test_stylealigned.py)
@@ -214,6 +215,7 @@ class ClipSkipSD1(SD1):
         return text_encoder(ids, output_hidden_states=True).hidden_states[-2], None
 
 
+@pytest.mark.slow
 def test_a_family_registered_in_a_test_runs_the_loop_export_and_sampling(presets, tmp_path, monkeypatch):
     monkeypatch.setitem(FAMILIES, ClipSkipSD1.name, ClipSkipSD1)  # the one registry line
     family = get_family(ClipSkipSD1.name)

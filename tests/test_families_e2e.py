@@ -13,10 +13,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from jobs import all_styles
-from pipeline.lora import DIFFUSERS_FILE, KOHYA_FILE
-from pipeline.methods import METHODS
-from pipeline.models import resolve_base_model
-from tests.conftest import make_style
+from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE
+from style_factory.methods import METHODS
+from style_factory.models import resolve_base_model
+from tests.helpers import make_style
 
 PIPELINES = {"tiny-sd2": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 TOKEN = "qvz"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from pipeline.config import RunConfig, TrainConfig, load_styles
-from pipeline.curate import curate_styles
-from pipeline.run import REGISTRY, Run
-from pipeline.train import group_jobs, group_name, plan_training, train_all
-from pipeline.train_job import TrainJob
-from tests.conftest import make_style
+from style_factory.config import RunConfig, TrainConfig, load_styles
+from style_factory.curate import curate_styles
+from style_factory.run import REGISTRY, Run
+from style_factory.train import group_jobs, group_name, plan_training, train_all
+from style_factory.train_job import TrainJob
+from tests.helpers import make_style
 
 
 def job(style: str, steps: int = 10, done: bool = False, tmp: Path | None = None, **train) -> TrainJob:

@@ -11,14 +11,14 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, TrainConfig, load_run_config
-from pipeline.families.base import Conditioning
-from pipeline.loop import (VIEW_OPS, apply_fast_paths, build_optimizer, denoising_loss, encode_latent_cache,
+from style_factory.config import ConfigError, TrainConfig, load_run_config
+from style_factory.families.base import Conditioning
+from style_factory.loop import (VIEW_OPS, apply_fast_paths, build_optimizer, denoising_loss, encode_latent_cache,
                            optimisation_step, step_generator, stored_latent_cache, training_step)
-from pipeline.methods import get_method
-from pipeline.run import REGISTRY
-from pipeline.train_job import TrainJob
-from tests.conftest import load_sd1
+from style_factory.methods import get_method
+from style_factory.run import REGISTRY
+from style_factory.train_job import TrainJob
+from tests.helpers import load_sd1
 from tests.test_train import toy_data
 
 CPU = torch.device("cpu")
@@ -173,6 +173,7 @@ def test_adamw_8bit_asks_for_bitsandbytes_when_it_is_missing(monkeypatch):
         build_optimizer([{"params": params}], TrainConfig(optimizer="adamw_8bit"), CPU)
 
 
+@pytest.mark.slow
 def test_compile_compiles_the_unet_in_place_keeping_its_parameter_names(tiny_model):
     models = load_sd1(tiny_model)
     names = [name for name, _ in models.unet.named_parameters()]

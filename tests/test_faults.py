@@ -24,12 +24,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.curate import curate_styles
-from pipeline.report import write_report
-from pipeline.run import open_run, parse_args
-from pipeline.train import explain, plan_training, train_all
-from pipeline.train_job import TrainJob
-from tests.conftest import REPO, make_style
+from style_factory.curate import curate_styles
+from style_factory.report import write_report
+from style_factory.train import explain, plan_training, train_all
+from style_factory.train_job import TrainJob
+from tests.helpers import REPO, make_style, opened
 from tests.test_report import make_run
 
 EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
@@ -154,6 +153,7 @@ def interrupted_then_rerun(tmp_path_factory):
     return run_dir, first, code, stray, log
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_rerun_reuses_what_the_interrupted_run_finished(interrupted_then_rerun):
     run_dir, first, _, _, _ = interrupted_then_rerun
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -163,6 +163,7 @@ def test_rerun_reuses_what_the_interrupted_run_finished(interrupted_then_rerun):
     assert quick_model.stat().st_mtime_ns == first["quick_model_written"]  # not retrained
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_interrupted_style_resumes_from_its_last_checkpoint(interrupted_then_rerun):
     run_dir, first, _, _, _ = interrupted_then_rerun
     assert 10 <= first["interrupted_at"] < 120  # long enough that the kill always lands mid-training
@@ -176,6 +177,7 @@ def test_interrupted_style_resumes_from_its_last_checkpoint(interrupted_then_rer
     assert checkpoint_snapshot(run_dir, "slow")["current_report_index"] == 120 // 10
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_failing_styles_are_named_with_the_reason_and_the_others_finish(interrupted_then_rerun):
     run_dir, _, exit_code, _, log = interrupted_then_rerun
     assert exit_code == 1, log.read_text()[-3000:]
@@ -193,6 +195,7 @@ def test_failing_styles_are_named_with_the_reason_and_the_others_finish(interrup
     assert (run_dir / "report.html").is_file()
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_no_ray_process_outlives_the_job(interrupted_then_rerun):
     *_, stray, _ = interrupted_then_rerun
     assert not stray, f"still running 30 s after the job ended: {stray}"
@@ -209,7 +212,7 @@ def train_with_a_killed_worker(ray_session, tmp_path_factory):
     make_style(root / "styles", "alpha", "zwx")
     make_style(root / "styles", "beta", "ukj", seed=1)
     config = write_config(root, "killed-worker", train={"max_steps": 60, "checkpoint_every": 10, "max_failures": 2})
-    run = open_run(parse_args(__doc__, ["--config", str(config)]))
+    run = opened(config)
     curate_styles(run)
 
     seen: dict[str, set[int]] = defaultdict(set)  # trainer name -> every worker pid it ever had
@@ -306,7 +309,7 @@ def test_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("pipeline.report.plot_loss_curves", crash)  # fails after the first two plots
+    monkeypatch.setattr("style_factory.report.plot_loss_curves", crash)  # fails after the first two plots
     with pytest.raises(OSError):
         write_report(run_dir)
     assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in files} == before

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("fetch_weights", REPO / "scripts" / "fetch_weights.py")
 fetch_weights = importlib.util.module_from_spec(spec)

@@ -6,8 +6,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.generate import generate_all, partial_dir
-from pipeline.sampling import SampleJob, sample_name
+from style_factory.generate import generate_all, partial_dir
+from style_factory.sampling import SampleJob, sample_name
 
 PROMPTS = ["a large red circle on a white background", "a small blue square on a yellow background"]
 

@@ -16,17 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones, caption
-from pipeline.config import ConfigError, CurateConfig, TrainConfig, load_run_config, load_style
-from pipeline.curate import (CurationError, DecodeBatch, curate_style, decode_image, differing_fraction,
+from style_factory import backbones, caption
+from style_factory.config import ConfigError, CurateConfig, TrainConfig, load_run_config, load_style
+from style_factory.curate import (CurationError, DecodeBatch, curate_style, decode_image, differing_fraction,
                              list_candidates, thumbnail)
-from pipeline.data import StyleData
-from pipeline.families import get_family
-from pipeline.families.base import clip_tokenizer
-from pipeline.methods import get_method
-from pipeline.models import ASSETS_DIR, TINY_PRETRAINED_DIR_NAME
-from pipeline.run import REGISTRY
-from tests.conftest import make_style, noise_image
+from style_factory.data import StyleData
+from style_factory.families import get_family
+from style_factory.families.base import clip_tokenizer
+from style_factory.methods import get_method
+from style_factory.models import ASSETS_DIR, TINY_PRETRAINED_DIR_NAME
+from style_factory.run import REGISTRY
+from tests.helpers import make_style, noise_image
 
 RES = 64
 
@@ -293,3 +293,17 @@ def test_report_names_the_original_of_a_cropped_copy(tmp_path):
     report = curate_in_process(style_dir, tmp_path / "curated").set_index("file")
     assert report.reason["ref/ref_01_copy.jpg"].startswith("near duplicate of ref/ref_01.png (")
     assert (report.status == "kept").sum() == 5
+
+
+def test_undecodable_files_are_reported_in_words_without_python_reprs(tmp_path):
+    """Pillow's own message names the in-memory buffer ("<_io.BytesIO object at 0x7f...>"); the report says what
+    is wrong with the file instead."""
+    style_dir = make_style(tmp_path / "styles", "hostile", "qxp", n_ref=4, n_aux=1)
+    (style_dir / "ref" / "notes.png").write_text("a caption, not an image\n")
+    (style_dir / "ref" / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(4096))
+    (style_dir / "ref" / "cut.png").write_bytes((style_dir / "ref" / "ref_00.png").read_bytes()[:300])
+    report = curate_in_process(style_dir, tmp_path / "out").set_index("file")
+    assert not report.reason.str.contains("object at 0x").any(), report.reason.tolist()
+    for name in ("ref/notes.png", "ref/noise.jpg"):
+        assert report.reason[name].startswith("cannot decode image: not an image PIL can read (tried PNG, JPEG")
+    assert report.reason["ref/cut.png"].startswith("cannot decode image: damaged or cut short (")

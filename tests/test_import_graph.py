@@ -6,19 +6,19 @@ import ast
 import sys
 from pathlib import Path
 
-PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
-STAGES = {"pipeline.curate", "pipeline.train", "pipeline.worker", "pipeline.export", "pipeline.generate",
-          "pipeline.evaluate", "pipeline.report", "pipeline.priors", "pipeline.run"}
+PACKAGE = Path(__file__).resolve().parent.parent / "style_factory"
+STAGES = {"style_factory.curate", "style_factory.train", "style_factory.worker", "style_factory.export", "style_factory.generate",
+          "style_factory.evaluate", "style_factory.report", "style_factory.priors", "style_factory.run"}
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PIPELINE.parent).with_suffix("").parts
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the pipeline modules it imports anywhere in its source (function-level imports included)."""
-    modules = {module_name(p): p for p in PIPELINE.rglob("*.py")}
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         found = set()
@@ -51,22 +51,22 @@ def test_no_import_cycle():
 
 def test_config_is_a_leaf_and_methods_and_families_never_import_stages():
     graph = import_graph()
-    assert graph["pipeline.config"] == set()
+    assert graph["style_factory.config"] == set()
     for name, imports in graph.items():
-        if name.startswith(("pipeline.methods", "pipeline.families")):
+        if name.startswith(("style_factory.methods", "style_factory.families")):
             assert not imports & STAGES, f"{name} imports the stages {sorted(imports & STAGES)}"
 
 
 def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
     """The checker itself: two modules importing each other are reported."""
-    package = tmp_path / "pipeline"
+    package = tmp_path / "style_factory"
     package.mkdir()
-    (package / "a.py").write_text("from pipeline import b\n")
-    (package / "b.py").write_text("def f():\n    from pipeline.a import g\n")
-    monkeypatch.setattr(sys.modules[__name__], "PIPELINE", package)
+    (package / "a.py").write_text("from style_factory import b\n")
+    (package / "b.py").write_text("def f():\n    from style_factory.a import g\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     try:
         test_no_import_cycle()
     except AssertionError as err:
-        assert "pipeline.a -> pipeline.b -> pipeline.a" in str(err)
+        assert "style_factory.a -> style_factory.b -> style_factory.a" in str(err)
     else:
         raise AssertionError("the cycle was not found")

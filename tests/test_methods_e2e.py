@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from jobs import all_styles
-from pipeline.methods import METHODS
-from tests.conftest import make_style
+from style_factory.methods import METHODS
+from tests.helpers import make_style
 
 STEPS = 3
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.evaluate import RESULTS_SCHEMA
-from pipeline.report import TOY_BACKBONE_WARNING, write_report
+from style_factory.evaluate import RESULTS_SCHEMA
+from style_factory.report import TOY_BACKBONE_WARNING, write_report
 
 PROMPTS = ["a red circle on a blue background", "a small house by a lake"]
 SEEDS = [0, 1]
@@ -292,3 +292,81 @@ def test_learning_table_is_left_out_for_results_without_the_kid_change(tmp_path:
                    run_dir / "results.parquet")
     parsed = parse(write_report(run_dir))
     assert "learning" not in parsed.table_rows and len(parsed.leaderboard_rows) == 2
+
+
+def test_verdict_comes_first_with_the_winner_beside_the_base(tmp_path: Path) -> None:
+    from style_factory.decide import BEST_SCHEMA
+
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"], "watercolor": ["base", "styleboost"]})
+    common = {"run_id": "test-run", "primary": "kid", "rule": "lowest kid among ...", "base_model": "tiny-sd",
+              "base_clip_t": 0.3, "clip_t": 0.29, "embeddings": [], "tied": [], "diffusers_file": "",
+              "webui_file": "", "inception_backbone": "tiny-inception", "backbones_real": True}
+    best = [
+        {**common, "style": "pixel-art", "method": "styleboost", "label": "styleboost",
+         "model_dir": "models/pixel-art/styleboost", "value": 0.03, "value_ci_low": 0.025, "value_ci_high": 0.036,
+         "vs_base": -0.02, "vs_base_ci_low": -0.025, "vs_base_ci_high": -0.015,
+         "diffusers_load": 'StableDiffusionPipeline.from_pretrained("models/pixel-art/styleboost")',
+         "runner_up": "base", "runner_up_diff": 0.02, "runner_up_diff_ci_low": 0.015, "runner_up_diff_ci_high": 0.025,
+         "why": "lowest KID", "samples_dir": "samples/pixel-art/styleboost", "base_samples_dir": "samples/pixel-art/base"},
+        {**common, "style": "watercolor", "method": "base", "label": "base", "model_dir": "", "value": 0.06,
+         "value_ci_low": 0.05, "value_ci_high": 0.07, "diffusers_load": 'StableDiffusionPipeline.from_pretrained("x")',
+         "runner_up": "styleboost", "why": "keep the base: ...", "samples_dir": "samples/watercolor/base",
+         "base_samples_dir": "samples/watercolor/base"},
+    ]
+    pq.write_table(pa.Table.from_pylist(best, schema=BEST_SCHEMA), run_dir / "best.parquet")
+    report = write_report(run_dir)
+    html_text = report.read_text(encoding="utf-8")
+    assert html_text.index('id="verdict"') < html_text.index('id="leaderboard"')
+    rows = parse(report).table_rows["verdict"]
+    assert [row[0][1] for row in rows] == ["pixel-art", "watercolor"]
+    assert rows[0][1][1] == "styleboost" and rows[1][1][1] == "keep the base"
+    assert rows[0][4][1] == "30.0 [25.0, 36.0]" and rows[0][5][1] == "-20.0 [-25.0, -15.0]"
+    assert rows[0][8][1] == "base: +20.0 [+15.0, +25.0]"
+    srcs = parse(report).img_srcs
+    # before the leaderboard's plots: the winner's strip, base first, same prompt and seed
+    strip = srcs[:srcs.index("report_assets/clip_t_vs_style_sim.png")]
+    assert strip.index("samples/pixel-art/base/p000_s0.png") < strip.index("samples/pixel-art/styleboost/p000_s0.png")
+    assert "samples/watercolor/styleboost/p000_s0.png" not in strip  # the base is kept: only its row
+
+
+def test_sample_grids_are_side_by_side_a_row_per_prompt_a_column_per_model(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost", "dreambooth"]})
+    html_text = write_report(run_dir).read_text(encoding="utf-8")
+    grids = html_text.split('<table class="grid">')[1:]
+    assert len(grids) == 1  # one grid per style, every model in it
+    rows = grids[0].split("</table>")[0].split("<tr>")[1:]
+    assert len(rows) == 2 + len(PROMPTS)  # model names, seeds, then a row per prompt
+    assert [m in rows[0] for m in ("base", "styleboost", "dreambooth")] == [True] * 3
+    first_prompt = rows[2]
+    assert first_prompt.count("<img") == 3 * len(SEEDS)
+    assert (first_prompt.index("base/p000_s0.png") < first_prompt.index("styleboost/p000_s0.png")
+            < first_prompt.index("dreambooth/p000_s0.png"))
+
+
+def test_toy_kid_is_shown_unscaled_and_says_so(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost"]}, backbones_real=False)
+    results = pq.read_table(run_dir / "results.parquet").to_pandas()
+    results["inception_backbone"] = "toy-clip image embedding (NOT REAL: trained on the toy world)"
+    results["kid"], results["kid_std"] = results["kid"] * 1000, results["kid_std"] * 1000  # toy-sized KIDs
+    pq.write_table(pa.Table.from_pandas(results, schema=RESULTS_SCHEMA, preserve_index=False),
+                   run_dir / "results.parquet")
+    report = write_report(run_dir)
+    parsed = parse(report)
+    assert parsed.leaderboard_rows[1][2][1] == "30.00 ± 4.00"  # not 30000.00 ± 4000.00
+    html_text = report.read_text(encoding="utf-8")
+    assert "<th>KID (toy)</th>" in html_text and "<th>KID ×10³</th>" not in html_text
+    assert "reads on the scale of Inception KID ×10³" in html_text
+
+
+def test_a_noise_floor_whose_interval_says_nothing_is_left_out_and_said_so(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"pixel-art": ["base", "styleboost", "noise-floor"],
+                                           "watercolor": ["base", "styleboost", "noise-floor"]})
+    results = pq.read_table(run_dir / "results.parquet").to_pandas()
+    wide = (results["style"] == "pixel-art") & (results["method"] == "noise-floor")
+    results.loc[wide, ["kid_ci_low", "kid_ci_high"]] = (-0.1, 0.041)  # 141 wide against a base at 50
+    pq.write_table(pa.Table.from_pandas(results, schema=RESULTS_SCHEMA, preserve_index=False),
+                   run_dir / "results.parquet")
+    report = write_report(run_dir)
+    rows = parse(report).leaderboard_rows
+    assert [(row[0][1], row[1][1]) for row in rows if row[1][1] == "noise-floor"] == [("watercolor", "noise-floor")]
+    assert "pixel-art (2 against 1 images, interval [-100.0, 41.0])" in report.read_text(encoding="utf-8")

@@ -16,12 +16,12 @@ import yaml
 from safetensors.torch import load_file
 
 from jobs import all_styles
-from pipeline.config import TrainConfig
-from pipeline.evaluate import assemble_scores
-from pipeline.loop import build_optimizer, restore_checkpoint, save_checkpoint
-from pipeline.methods import get_method
-from pipeline.run import load_run, parse_args
-from tests.conftest import load_sd1, make_style
+from style_factory.config import TrainConfig
+from style_factory.evaluate import assemble_scores
+from style_factory.loop import build_optimizer, restore_checkpoint, save_checkpoint
+from style_factory.methods import get_method
+from style_factory.run import load_run, parse_args
+from tests.helpers import load_sd1, make_style
 
 METRICS = ["style", "method", "kid", "fid", "clip_t", "style_sim"]
 

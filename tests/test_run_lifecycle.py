@@ -23,9 +23,9 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.files import _tmp_beside, read_json
-from pipeline.run import finish, open_run, parse_args
-from tests.conftest import REPO, make_style
+from style_factory.files import _tmp_beside, read_json
+from style_factory.run import finish
+from tests.helpers import REPO, make_style, opened
 
 TRAIN = {"max_steps": 2, "checkpoint_every": 2}
 EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
@@ -139,7 +139,8 @@ def ctrl_c_in_training(root: Path) -> dict:
     job = Job(config, root / "ctrl-c.log")
 
     def checkpointed() -> bool:
-        return any((run_dir / "ray_train").glob("*/checkpoint_manager_snapshot.json"))
+        # the checkpoint folder the worker persists; Ray Train's controller may record it much later under load
+        return any((run_dir / "ray_train").glob("*/*-step_*/state.json"))
 
     assert job.wait_until(checkpointed), job.output[-3000:]
     os.killpg(job.process.pid, signal.SIGINT)
@@ -209,7 +210,7 @@ def test_a_dead_runs_lock_is_taken_over_with_a_message(root, capsys):
               "command": "python -m jobs.train"}
     (run_dir / ".lock").write_text(json.dumps(record))
     capsys.readouterr()
-    run = open_run(parse_args(__doc__, ["--config", str(config)]))
+    run = opened(config)
     try:
         out = capsys.readouterr().out
         assert (f"[run] taking over the lock of pid {dead.pid} on host {socket.gethostname()}, since "
@@ -234,13 +235,14 @@ def test_a_run_starts_by_removing_what_interrupted_writes_left(root, capsys):
     (partial / "p000_s0.png").write_bytes(b"a finished sample")
     (partial / "p001_s0.tmp.png").write_bytes(b"half a sample")
     capsys.readouterr()
-    open_run(parse_args(__doc__, ["--config", str(config)])).release()
+    opened(config).release()
     out = capsys.readouterr().out
     assert f"[run] removed 3 temporary file(s) and folder(s) of interrupted writes under {run_dir}" in out
     assert leftovers(run_dir) == []
     assert [p.name for p in partial.iterdir()] == ["p000_s0.png"]
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_holder(scenarios):
     result = scenarios["disk_full"].result()
     assert result["second_code"] == 2, result["second_output"][-3000:]
@@ -253,6 +255,7 @@ def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_holder(scena
     print(f"second run refused {result['second_seconds']:.1f} s after it started")
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_the_first_run_is_undisturbed_and_scores_as_a_lone_run(scenarios):
     """Also the rerun after the full disk below: it goes on from what the failed run left, and gets the lone
     run's results."""
@@ -264,11 +267,12 @@ def test_the_first_run_is_undisturbed_and_scores_as_a_lone_run(scenarios):
     assert result["lock_after"] == ""  # and so did this one, on exit
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_results_of_an_earlier_command_are_not_shown_as_this_ones(scenarios, capsys):
     lone = scenarios["alone"].result()
     results, report = lone["run_dir"] / "results.parquet", lone["run_dir"] / "report.html"
     assert f"  results.parquet  {results}" in lone["output"] and f"  report.html      {report}" in lone["output"]
-    run = open_run(parse_args(__doc__, ["--config", str(lone["config"])]))  # a command that writes neither
+    run = opened(lone["config"])  # a command that writes neither
     try:
         capsys.readouterr()
         assert finish(run) == 0
@@ -284,6 +288,7 @@ def test_results_of_an_earlier_command_are_not_shown_as_this_ones(scenarios, cap
 # Ctrl-C and a full disk
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_ctrl_c_reports_cleans_up_and_stops_ray(scenarios):
     result = scenarios["ctrl_c"].result()
     output, run_dir = result["output"], result["run_dir"]
@@ -297,6 +302,7 @@ def test_ctrl_c_reports_cleans_up_and_stops_ray(scenarios):
     print(f"exited {result['seconds']:.1f} s after the Ctrl-C")
 
 
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
 def test_a_full_disk_names_the_path_and_the_free_space_and_cleans_up(scenarios):
     result = scenarios["disk_full"].result()
     output, run_dir = result["output"], result["run_dir"]

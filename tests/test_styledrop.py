@@ -13,15 +13,15 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.backbones import load_clip
-from pipeline.config import Concept, StyleConfig, TrainConfig
-from pipeline.data import CURATED_SCHEMA
-from pipeline.export import load_method
-from pipeline.families import get_family
-from pipeline.lora import KOHYA_FILE, add_lora
-from pipeline.methods import get_method
-from pipeline.sampling import sample_name
-from tests.conftest import load_sd1, load_sd1_pipeline
+from style_factory.backbones import load_clip
+from style_factory.config import Concept, StyleConfig, TrainConfig
+from style_factory.data import CURATED_SCHEMA
+from style_factory.export import load_method
+from style_factory.families import get_family
+from style_factory.lora import KOHYA_FILE, add_lora
+from style_factory.methods import get_method
+from style_factory.sampling import sample_name
+from tests.helpers import load_sd1, load_sd1_pipeline
 from tests.test_textboost import component, make_job, snapshot, train_in_process
 
 STYLE = StyleConfig(display_name="Watercolor", descriptor="watercolor painting",
@@ -87,6 +87,7 @@ def test_only_the_adapter_weights_change(tmp_path, tiny_model):
         {n for n in unet if "lora_" in n}
 
 
+@pytest.mark.slow
 def test_round_two_trains_on_the_clip_top1_of_each_prompt(two_rounds):
     job, first, second, _ = two_rounds
     assert first.model_dir == f"{job.model_dir}-round1" and first.key != job.key
@@ -114,6 +115,7 @@ def test_round_two_trains_on_the_clip_top1_of_each_prompt(two_rounds):
         assert done.is_done() and Path(done.log_path).is_file()
 
 
+@pytest.mark.slow
 def test_exported_lora_loads_in_diffusers_and_changes_the_output(two_rounds):
     job, first, _, _ = two_rounds
     method = load_method(job)

@@ -12,17 +12,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.config import Concept, StyleConfig, TrainConfig
-from pipeline.data import CURATED_SCHEMA, StyleData
-from pipeline.export import export_model, load_method
-from pipeline.families import get_family
-from pipeline.families.base import Components
-from pipeline.lora import DIFFUSERS_FILE, KOHYA_FILE
-from pipeline.loop import encode_latent_cache, grayscale, optimisation_step, save_checkpoint
-from pipeline.methods import get_method
-from pipeline.methods.textboost import timestep_distribution
-from pipeline.train_job import TrainJob
-from tests.conftest import load_sd1, noise_image
+from style_factory.config import Concept, StyleConfig, TrainConfig
+from style_factory.data import CURATED_SCHEMA, StyleData
+from style_factory.export import export_model, load_method
+from style_factory.families import get_family
+from style_factory.families.base import Components
+from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE
+from style_factory.loop import encode_latent_cache, grayscale, optimisation_step, save_checkpoint
+from style_factory.methods import get_method
+from style_factory.methods.textboost import timestep_distribution
+from style_factory.train_job import TrainJob
+from tests.helpers import load_sd1, noise_image
 
 STYLE = StyleConfig(display_name="Watercolor", descriptor="watercolor painting style",
                     concepts=[Concept(token="zwx", class_word="style")])
@@ -99,6 +99,7 @@ def exported(tmp_path_factory, tiny_model) -> tuple[TrainJob, Components]:
     return job, models
 
 
+@pytest.mark.slow
 def test_only_the_lora_and_the_new_token_rows_change(job):
     base = load_sd1(job.base_model)
     before = {name: snapshot(component(base, name)) for name in ("text_encoder", "unet", "vae")}
@@ -221,7 +222,7 @@ def test_kohya_copy_has_a1111_names_and_the_trained_deltas(exported):
     kohya = load_file(Path(job.model_dir) / KOHYA_FILE)
     modules = [f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}_proj"
                for layer in range(3) for proj in ("q", "k", "v")]
-    # pipeline.lora.zero_out_projections pads each adapted attention with an inert out_proj LoRA (diffusers and
+    # style_factory.lora.zero_out_projections pads each adapted attention with an inert out_proj LoRA (diffusers and
     # A1111 tell the kohya text-encoder layout by it): present, and a zero delta
     padding = [f"lora_te_text_model_encoder_layers_{layer}_self_attn_out_proj" for layer in range(3)]
     assert set(kohya) == {f"{m}.{part}" for m in modules + padding

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.renderers import PIXEL_ART_BLOCKS, PIXEL_ART_PALETTE, RENDERERS
-from pipeline.toyworld import (
+from style_factory.renderers import PIXEL_ART_BLOCKS, PIXEL_ART_PALETTE, RENDERERS
+from style_factory.toyworld import (
     BACKGROUNDS,
     COLORS,
     KINDS,
@@ -156,6 +156,7 @@ def test_pixel_art_has_a_small_palette_and_solid_blocks(size):
                 assert (cell == cell[0]).all()
 
 
+@pytest.mark.slow
 def test_example_styles_script_reproduces_the_committed_files(tmp_path):
     subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "make_example_styles.py"), "--out", str(tmp_path)],
@@ -192,8 +193,8 @@ def test_style_yamls_have_the_expected_keys_and_unique_tokens():
 
 
 def test_example_styles_pass_the_pipeline_schema():
-    from pipeline.config import RunConfig, load_styles
-    from pipeline.run import REGISTRY
+    from style_factory.config import RunConfig, load_styles
+    from style_factory.run import REGISTRY
 
     styles = load_styles(RunConfig(styles_dir=str(STYLES_DIR)), REGISTRY, list(EXAMPLE_STYLES))
     assert [style.name for style in styles] == list(EXAMPLE_STYLES)

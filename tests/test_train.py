@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.data import StyleData
-from pipeline.loop import encode_latent_cache, min_snr_weights, sample_latents, step_generator, training_step
-from pipeline.methods import get_method
-from tests.conftest import load_sd1
+from style_factory.config import TrainConfig
+from style_factory.data import StyleData
+from style_factory.loop import encode_latent_cache, min_snr_weights, sample_latents, step_generator, training_step
+from style_factory.methods import get_method
+from tests.helpers import load_sd1
 
 
 def toy_data(n_per_role: int = 4, concepts: int = 2) -> StyleData:
