@@ -125,6 +125,16 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for part, peak in PEAK_BF16_TFLOPS if part in name), None)
 
 
+def warm_setup(models, method, data, cfg: TrainConfig, device: torch.device):
+    """The latent cache and optimiser of `models` set up for `method`, as train_loop_per_worker sets them up."""
+    param_groups = method.prepare(models, cfg)
+    for part in (models.vae, *models.text_encoders.values(), models.unet):
+        part.to(device)
+    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    apply_fast_paths(models, cfg)
+    return cache, build_optimizer(param_groups, cfg, device)
+
+
 def bench_training(setup: Setup, overrides: dict, device: torch.device) -> dict:
     """Median step times of our step, the reference step and a bare UNet step, taking turns."""
     cfg = TrainConfig(**{"batch_size": 2, "train_text_encoder": False, "mixed_precision": setup.mixed_precision,
@@ -132,13 +142,8 @@ def bench_training(setup: Setup, overrides: dict, device: torch.device) -> dict:
     data = synthetic_style(setup.resolution)
     method = get_method("styleboost")
 
-    ours = setup.build()  # set up as train_loop_per_worker does
-    param_groups = method.prepare(ours, cfg)
-    for part in (ours.vae, *ours.text_encoders.values(), ours.unet):
-        part.to(device)
-    cache = encode_latent_cache(ours.vae, data.pixels, method.image_views(cfg))
-    apply_fast_paths(ours, cfg)
-    optimizer = build_optimizer(param_groups, cfg, device)
+    ours = setup.build()
+    cache, optimizer = warm_setup(ours, method, data, cfg, device)
     reference = ReferenceLoop(setup.build(), cfg, device)
 
     # The bare step's inputs: one batch of our noisy latents, timesteps and prompt embeddings.
@@ -293,12 +298,7 @@ def step_compute(job: TrainJob, device: torch.device, warmup_steps: int) -> floa
     method, data = load_method(job), job.load_data()
     models = get_family(job.family).load_components(job.base_model)
     torch.manual_seed(cfg.seed)
-    param_groups = method.prepare(models, cfg)
-    for part in (models.vae, *models.text_encoders.values(), models.unet):
-        part.to(device)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
-    apply_fast_paths(models, cfg)
-    optimizer = build_optimizer(param_groups, cfg, device)
+    cache, optimizer = warm_setup(models, method, data, cfg, device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
