@@ -24,11 +24,14 @@ all-styles: $(STAMP)  ## curate -> train -> evaluate -> report, every style (CON
 curate train evaluate report: $(STAMP)  ## one stage alone
 	$(PY) -m jobs.$@ $(JOB_ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# pytest in TEST_WORKERS processes, a module's tests in one (tests/conftest.py: pytest_xdist_make_scheduler)
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+test: $(STAMP)  ## every test (CI runs exactly this)
+	$(PYTEST) --durations=15
 
 test-fast: $(STAMP)  ## the edit loop: the tests that start no Ray and take under ~2 s each (under 2 minutes)
-	$(PY) -m pytest -q -m "not ray and not slow"
+	$(PYTEST) -m "not ray and not slow"
 
 bench: $(STAMP)  ## speed, as ratios against references timed in the same run (python -m bench.run --help)
 	$(PY) -m bench.run

@@ -51,7 +51,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from bench.reference_loop import PRECISIONS, ReferenceLoop
 from bench.run import REPO, count_flops, peak_tflops, seconds, step_compute, synthetic_style
 from style_factory.config import StyleConfig, TrainConfig
-from style_factory.data import CURATED_SCHEMA
+from style_factory.data import CURATED_SCHEMA, pixel_tensor
 from style_factory.families import get_family
 from style_factory.families.base import Components
 from style_factory.files import sha256_of, write_json_atomic, write_parquet_atomic
@@ -134,12 +134,12 @@ def build_components(shape: Shape, base_models: Path, device: torch.device) -> C
                        source=f"{shape.name}, random weights")
 
 
-def random_latent_cache(models: Components, views: int, images: int, resolution: int) -> torch.Tensor:
-    """A latent cache as encode_latent_cache returns it, (views, N, 2, C, h, w): random means, std 0.1."""
+def random_latent_cache(models: Components, views: int, images: int, resolution: int) -> list[torch.Tensor]:
+    """A latent cache as encode_latent_cache returns it, per image (views, 2, C, h, w): random means, std 0.1."""
     side = resolution // 2 ** (len(models.vae.config.block_out_channels) - 1)
     mean = torch.randn(views, images, 1, models.vae.config.latent_channels, side, side,
                        generator=torch.Generator().manual_seed(0))
-    return torch.cat([mean, torch.full_like(mean, 0.1)], dim=2)
+    return list(torch.cat([mean, torch.full_like(mean, 0.1)], dim=2).unbind(1))
 
 
 def free_memory(device: torch.device) -> None:
@@ -212,7 +212,7 @@ def bench_ours(shape: Shape, mode: str, compiled: bool, batches: tuple[int, ...]
     param_groups = method.prepare(models, cfg)
     for part in (models.vae, *models.text_encoders.values(), models.unet):
         part.to(device)
-    cache = random_latent_cache(models, len(method.image_views(cfg)), len(data.pixels), shape.resolution)
+    cache = random_latent_cache(models, len(method.image_views(cfg)), len(data.images), shape.resolution)
     apply_fast_paths(models, cfg)
     optimizer = build_optimizer(param_groups, cfg, device)
     steps = itertools.count()
@@ -247,7 +247,7 @@ def bench_reference(shape: Shape, mode: str, plan: Plan, base_models: Path, devi
 
     def step(batch: int) -> None:
         picked = method.sample_batch(data, cfg.model_copy(update={"batch_size": batch}), rng)
-        reference.step(data.pixels[picked.rows], picked.prompts)
+        reference.step(pixel_tensor([data.images[i] for i in picked.rows]), picked.prompts)
 
     return time_batches(step, plan.batches, plan, device, budget)
 

@@ -48,8 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.reference_loop import PRECISIONS, ReferenceLoop
 from style_factory.backbones import toy_clip, toy_inception
 from style_factory.config import CurateConfig, RunConfig, StyleConfig, TrainConfig, load_styles
-from style_factory.curate import DecodeBatch, curate_styles, decode_all, list_candidates
-from style_factory.data import StyleData
+from style_factory.curate import curate_styles, decode_all, list_candidates
+from style_factory.decode import DecodeBatch
+from style_factory.data import StyleData, pixel_tensor
 from style_factory.families import get_family
 from style_factory.families.base import Components
 from style_factory.generate import TOY_PROMPTS
@@ -86,8 +87,8 @@ class Setup:
 
 def synthetic_style(resolution: int, images: int = 16) -> StyleData:
     """One concept, half StyleRef and half Aux images of random pixels, each with its own caption."""
-    pixels = torch.rand(images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return StyleData(pixels=pixels, roles=np.repeat(["ref", "aux"], images // 2), concepts=np.zeros(images, int),
+    pixels = np.random.default_rng(0).integers(0, 256, (images, resolution, resolution, 3), dtype=np.uint8)
+    return StyleData(images=list(pixels), roles=np.repeat(["ref", "aux"], images // 2), concepts=np.zeros(images, int),
                      captions=[f"a picture number {i}" for i in range(images)], tokens=["zwx"] * images,
                      class_words=["style"] * images)
 
@@ -130,7 +131,7 @@ def warm_setup(models, method, data, cfg: TrainConfig, device: torch.device):
     param_groups = method.prepare(models, cfg)
     for part in (models.vae, *models.text_encoders.values(), models.unet):
         part.to(device)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = encode_latent_cache(models.vae, data.images, method.image_views(cfg))
     apply_fast_paths(models, cfg)
     return cache, build_optimizer(param_groups, cfg, device)
 
@@ -175,7 +176,7 @@ def bench_training(setup: Setup, overrides: dict, device: torch.device) -> dict:
 
     def reference_step() -> None:
         picked = method.sample_batch(data, cfg, step_generator(cfg.seed, next(reference_steps), 0)[0])
-        reference.step(data.pixels[picked.rows], picked.prompts)
+        reference.step(pixel_tensor([data.images[i] for i in picked.rows]), picked.prompts)
 
     # FLOPs on the reference's models: never compiled, so FlopCounterMode sees every operation.
     unet_flops = count_flops(lambda: unet_fwd_bwd(reference.models.unet), device)

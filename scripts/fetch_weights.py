@@ -7,15 +7,20 @@ Then point a run at it (`model.models_dir`, or leave the default folder, which `
   inception-2015-12-05.pt                 clean-fid's Inception TorchScript (FID/KID)
   open_clip_vit_b_32.safetensors          OpenAI CLIP ViT-B/32 in open_clip format (CLIP-T, style similarity)
   dino_vit_small_patch16_224.safetensors  DINO ViT-S/16 (style consistency)
+  csd_vit_l14.safetensors                 CSD ViT-L/14 (CSD style similarity), converted from the Hub's checkpoint
 
 Checks: a Hugging Face file must match the SHA-256 the Hub publishes for it (its LFS object id); the
-Inception file has no published digest, so it must load as TorchScript and give 2048 features. Every
-digest is written to SHA256SUMS in the folder, and a later run of this script verifies the files against
-it, so a file that changes on disk is caught. A failed check deletes the download and names the file.
+Inception file has no published digest, so it must load as TorchScript and give 2048 features. CSD's
+checkpoint (tomg-group-umd/CSD-ViT-L pytorch_model.bin, a 2.4 GB training checkpoint pickle) is fetched at a
+pinned revision and must also match a pinned SHA-256; it is then read as weights only (no code runs), its model
+weights must have CSD's layout, and they are written as safetensors; the pickle is deleted. Every digest is
+written to SHA256SUMS in the folder, and a later run of this script verifies the files against it, so a file
+that changes on disk is caught. A failed check deletes the download and names the file.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -79,20 +84,67 @@ def download(url: str, dest: Path) -> None:
     Path(tmp.name).replace(dest)
 
 
-def fetch_hub_file(repo: str, filename: str, dest: Path) -> str:
+def fetch_hub_file(repo: str, filename: str, dest: Path, revision: str | None = None) -> str:
     from huggingface_hub import HfApi, hf_hub_download
 
-    (info,) = HfApi().get_paths_info(repo, [filename])
+    (info,) = HfApi().get_paths_info(repo, [filename], revision=revision)
     if info.lfs is None:
         raise ChecksumError(f"{repo}/{filename}: the Hub publishes no SHA-256 for it")
-    shutil.copyfile(hf_hub_download(repo, filename), dest)
+    shutil.copyfile(hf_hub_download(repo, filename, revision=revision), dest)
     return verify(dest, info.lfs.sha256)
+
+
+def csd_checkpoint_globals() -> list:
+    """What CSD's training checkpoint pickles besides tensors and builtins: its argparse options, holding numpy
+    scalars (pickled by numpy 1 as numpy.core.multiarray.scalar) and their dtypes."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar
+    dtypes = [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return [argparse.Namespace, np.dtype, *dtypes, scalar, (scalar, "numpy.core.multiarray.scalar")]
+
+
+def convert_csd(checkpoint: Path, dest: Path) -> None:
+    """CSD's checkpoint read as weights only (torch's restricted unpickler, allowing csd_checkpoint_globals), its
+    model weights checked for CSD's layout (every key and shape) and written to `dest` as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    allowed = csd_checkpoint_globals()
+    allowed_names = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+                     for entry in allowed}
+    if unsafe := sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint)) - allowed_names):
+        raise ChecksumError(f"{checkpoint}: unpickling it would call {', '.join(unsafe)}, which no weights need; "
+                            "not read")
+    try:
+        with torch.serialization.safe_globals(allowed):
+            checkpoint_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = backbones.csd_state_dict(checkpoint_dict)
+        backbones.Csd.from_state_dict(state)
+    except Exception as err:  # any failure to read it or to match the layout: not the checkpoint we expect
+        raise ChecksumError(f"{checkpoint}: not CSD's checkpoint layout ({type(err).__name__}: {err})") from err
+    partial = dest.with_name(f".{dest.name}.partial")
+    save_file(state, str(partial))
+    os.replace(partial, dest)
+
+
+def fetch_csd(dest: Path) -> str:
+    """CSD's checkpoint at the pinned revision, checked against the Hub's and the pinned SHA-256, converted into
+    `dest`; the checkpoint copy is deleted, converted or not."""
+    checkpoint = dest.with_name(backbones.CSD_HF_FILE_NAME)
+    try:
+        fetch_hub_file(backbones.CSD_HF_REPO, backbones.CSD_HF_FILE_NAME, checkpoint, backbones.CSD_HF_REVISION)
+        verify(checkpoint, backbones.CSD_HF_SHA256)
+        convert_csd(checkpoint, dest)
+    finally:
+        checkpoint.unlink(missing_ok=True)
+    return backbones.sha256_of_file(dest)
 
 
 def fetch(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     sums = read_sums(folder)
-    for name in [backbones.INCEPTION_FILE_NAME, *HUB_FILES]:
+    for name in [backbones.INCEPTION_FILE_NAME, *HUB_FILES, backbones.CSD_FILE_NAME]:
         path = folder / name
         if path.is_file() and name in sums:
             verify(path, sums[name])
@@ -102,6 +154,8 @@ def fetch(folder: Path) -> dict[str, str]:
             download(INCEPTION_URL, path)
             check_inception(path)
             sums[name] = backbones.sha256_of_file(path)
+        elif name == backbones.CSD_FILE_NAME:
+            sums[name] = fetch_csd(path)
         else:
             sums[name] = fetch_hub_file(*HUB_FILES[name], path)
         write_sums(folder, sums)

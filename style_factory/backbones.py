@@ -1,4 +1,5 @@
-"""Metric backbones: Inception (FID/KID features), CLIP (CLIP-T, style similarity) and DINO (style consistency).
+"""Metric backbones: Inception (FID/KID features, Inception Score), CLIP (CLIP-T, style similarity), DINO (style
+consistency) and CSD (the field's style similarity).
 
 Real weights are used when they are on disk; nothing is ever downloaded. When they are
 missing, the toy CLIP shipped in style_factory/assets/toy-clip (trained by the project on the toy
@@ -14,7 +15,10 @@ anywhere else another local user can write, since loading the TorchScript Incept
     timm/vit_base_patch32_clip_224.openai (the file open_clip itself would download).
   DINO: `dino_vit_small_patch16_224.safetensors` in `models_dir`, then ~/.cache/style-factory/
     (timm's vit_small_patch16_224.dino), then the local Hugging Face cache entry of that model.
-  `make fetch-weights` (scripts/fetch_weights.py) downloads all three there, checked.
+  CSD: `csd_vit_l14.safetensors` in `models_dir`, then ~/.cache/style-factory/. Nothing stands in for it: without
+    it the CSD columns are NaN, labelled CSD_NOT_AVAILABLE.
+  `make fetch-weights` (scripts/fetch_weights.py) downloads all four there, checked (CSD converted from the Hub's
+  pickle to safetensors, so no run unpickles it).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import torch.nn as nn
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import make_resizer
+from open_clip.model import _build_vision_tower  # the image tower of an open_clip config, no text tower
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -204,14 +209,21 @@ def toy_info(kind: str) -> BackboneInfo:
 
 
 class FeatureExtractor:
-    """Images -> feature rows through clean-fid's resizer and a model taking float NCHW in [0, 255]."""
+    """Images -> feature rows through clean-fid's resizer and a model taking float NCHW in [0, 255].
 
-    def __init__(self, model: nn.Module, image_size: int, info: BackboneInfo, device: str):
+    `class_weight` (classes, feature dims): the Inception network's output layer, without its bias as the original
+    Inception Score applies it, so the class logits of an image are `features @ class_weight.T`; None for a network
+    without ImageNet classes (the toy one, DINO).
+    """
+
+    def __init__(self, model: nn.Module, image_size: int, info: BackboneInfo, device: str,
+                 class_weight: np.ndarray | None = None):
         self.model = model.to(device).eval()
         # clean-fid's "clean" mode resizer: PIL bicubic on float32 channels, no quantisation
         self.resize = make_resizer("PIL", False, "bicubic", (image_size, image_size))
         self.info = info
         self.device = device
+        self.class_weight = class_weight
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         resized = self.resize(np.array(image.convert("RGB")))  # HWC float32 in [0, 255]
@@ -241,15 +253,19 @@ def clip_arch(spec: str) -> str:
 
 
 def named_weight_file(kind: str, spec: str) -> Path:
-    """The weight file that an explicit spec (neither "auto" nor "toy") of backbone `kind` ("inception", "clip",
-    "dino") names: FileNotFoundError when it is not there, ValueError when InceptionV3W could not open it. The
-    driver checks every one of them before any compute (style_factory.hub.resolve_models)."""
+    """The weight file that an explicit spec (neither "auto" nor "toy", nor "off") of backbone `kind` ("inception",
+    "clip", "dino", "csd") names: FileNotFoundError when it is not there, ValueError when InceptionV3W could not open
+    it or it is not CSD's safetensors. The driver checks every one of them before any compute
+    (style_factory.hub.resolve_models)."""
     path = spec.partition(":")[2] if kind == "clip" and ":" in spec else spec
     weight_file = Path(path).expanduser()
     if kind == "inception" and weight_file.is_dir():
         weight_file = weight_file / INCEPTION_FILE_NAME
     if not weight_file.is_file():
         raise FileNotFoundError(f"{kind} weights not found: {weight_file}")
+    if kind == "csd" and weight_file.suffix != ".safetensors":
+        raise ValueError(f"CSD weights must be the safetensors file `make fetch-weights` converts the Hub's "
+                         f"{CSD_HF_FILE_NAME} into ({CSD_FILE_NAME}), got {weight_file}")
     if kind == "inception" and weight_file.name != INCEPTION_FILE_NAME:
         # InceptionV3W only takes a folder and always opens this exact file name in it
         raise ValueError(f"Inception weight file must be named {INCEPTION_FILE_NAME}, got {weight_file}")
@@ -263,7 +279,10 @@ def find_inception_file(models_dir: str | None) -> Path | None:
 def real_inception(weight_file: Path, device: str) -> FeatureExtractor:
     model = InceptionV3W(str(weight_file.parent), download=False, resize_inside=False)
     info = BackboneInfo(name="inception-2015-12-05", real=True, sha256=sha256_of_file(weight_file))
-    return FeatureExtractor(model, image_size=299, info=info, device=device)
+    # clean-fid's features are the TorchScript network's `layers`; its `output` layer (2048 -> 1008 classes) gives
+    # the Inception Score's logits, bias left out as its `no_output_bias` does (the original IS code's matmul)
+    class_weight = model.base.output.weight.detach().cpu().numpy().astype(np.float64)
+    return FeatureExtractor(model, image_size=299, info=info, device=device, class_weight=class_weight)
 
 
 def toy_inception(device: str) -> FeatureExtractor:
@@ -288,18 +307,13 @@ def unit_rows_float64(features: torch.Tensor) -> np.ndarray:
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 
 
-class ClipBackbone:
-    def __init__(
-        self,
-        model: nn.Module,
-        preprocess: Callable[[Image.Image], torch.Tensor],
-        tokenizer: Callable[[list[str]], torch.Tensor],
-        info: BackboneInfo,
-        device: str,
-    ):
+class ImageEmbedder:
+    """Images -> unit-norm embedding rows through a model's `encode_image` and its own preprocessing."""
+
+    def __init__(self, model: nn.Module, preprocess: Callable[[Image.Image], torch.Tensor], info: BackboneInfo,
+                 device: str):
         self.model = model.to(device).eval()
         self.preprocess = preprocess
-        self.tokenizer = tokenizer
         self.info = info
         self.device = device
 
@@ -310,6 +324,13 @@ class ClipBackbone:
                 pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in batch]).to(self.device)
                 features.append(unit_rows_float64(self.model.encode_image(pixels)))
         return np.concatenate(features)
+
+
+class ClipBackbone(ImageEmbedder):
+    def __init__(self, model: nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
+                 tokenizer: Callable[[list[str]], torch.Tensor], info: BackboneInfo, device: str):
+        super().__init__(model, preprocess, info, device)
+        self.tokenizer = tokenizer
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
@@ -397,6 +418,81 @@ def load_dino(spec: str = "auto", models_dir: str | None = None, device: str = "
     return toy_inception(device) if weight_file is None else real_dino(weight_file, device)
 
 
+# ---------------------------------------------------------------------------------------
+# CSD (Somepalli et al. 2024, "Measuring Style Similarity in Diffusion Models"): the field's style similarity
+# ---------------------------------------------------------------------------------------
+
+CSD_ARCH = "ViT-L-14-quickgelu"  # CSD fine-tunes OpenAI's CLIP ViT-L/14 image tower, which uses QuickGELU
+CSD_FILE_NAME = "csd_vit_l14.safetensors"  # its weights as `make fetch-weights` converts them from the Hub's pickle
+CSD_HF_REPO, CSD_HF_FILE_NAME = "tomg-group-umd/CSD-ViT-L", "pytorch_model.bin"
+CSD_HF_REVISION = "5bc26a6fb0487f3f00a2a7313135103a005b1b67"  # pinned: the authors say they may replace the weights
+CSD_HF_SHA256 = "40e92fad63a361b8136100cd234c42d401ef9b34ff1748234318929ebcc7e7a1"  # 2,438,228,893 bytes
+CSD_NOT_AVAILABLE = "CSD: not available (no weights: make fetch-weights)"
+CSD_HEADS = ("last_layer_style", "last_layer_content")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class Csd(nn.Module):
+    """CSD's checkpoint layout on open_clip's image tower.
+
+    `backbone`: CLIP ViT-L/14's image tower without its projection (`proj` is None): the pooled 1024-d feature.
+    `last_layer_style`, `last_layer_content`: (1024, 768) matrices, CLIP's projection fine-tuned into two heads. The
+    style embedding, the one CSD's similarity is the cosine of, is `feature @ last_layer_style`, L2-normalised
+    (`encode_image` gives it, ImageEmbedder normalises it). `width`, `layers`, `embed_dim`: ViT-L/14's by default;
+    `from_state_dict` builds the size a checkpoint has.
+    """
+
+    def __init__(self, width: int | None = None, layers: int | None = None, embed_dim: int | None = None):
+        super().__init__()
+        config = open_clip.get_model_config(CSD_ARCH)
+        vision = {**config["vision_cfg"], **{k: v for k, v in (("width", width), ("layers", layers)) if v}}
+        embed_dim = embed_dim or config["embed_dim"]
+        self.backbone = _build_vision_tower(embed_dim, vision, quick_gelu=config["quick_gelu"])
+        self.backbone.proj = None
+        for head in CSD_HEADS:
+            self.register_parameter(head, nn.Parameter(vision["width"] ** -0.5 * torch.randn(vision["width"],
+                                                                                              embed_dim)))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Csd:
+        """The model a state dict in Csd's names describes, with its weights: any key or shape that is not CSD's
+        layout is an error."""
+        width, embed_dim = state["last_layer_style"].shape
+        layers = len({k.split(".")[3] for k in state if k.startswith("backbone.transformer.resblocks.")})
+        with torch.device("meta"):  # no random init of 300M parameters that the checkpoint replaces
+            model = cls(width, layers, embed_dim)
+        model.load_state_dict(state, assign=True)
+        return model
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixels) @ self.last_layer_style
+
+
+def csd_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The weights of CSD's released checkpoint in Csd's names, contiguous float32: what CSD_FILE_NAME holds. The
+    checkpoint is the training script's: {"model_state_dict": {"module.backbone.…", "module.last_layer_style",
+    "module.last_layer_content"} (saved from DistributedDataParallel), the optimisers' states, "iter", "args"}."""
+    state = checkpoint.get("model_state_dict", checkpoint)
+    return {name.removeprefix("module."): weight.float().contiguous() for name, weight in state.items()}
+
+
+def real_csd(weight_file: Path, device: str) -> ImageEmbedder:
+    model = Csd.from_state_dict(load_file(str(weight_file)))
+    # CSD's own preprocessing: bicubic resize of the short side to 224, centre crop, CLIP's mean and std
+    preprocess = open_clip.image_transform(model.backbone.image_size[0], is_train=False, mean=CLIP_MEAN,
+                                           std=CLIP_STD)
+    info = BackboneInfo(name=f"CSD ViT-L/14 style head ({weight_file.name})", real=True,
+                        sha256=sha256_of_file(weight_file))
+    return ImageEmbedder(model, preprocess, info, device)
+
+
+def load_csd(spec: str = "auto", models_dir: str | None = None, device: str = "cpu") -> ImageEmbedder | None:
+    """spec: "auto" (csd_vit_l14.safetensors if found), "off", or a path to that file. None: no CSD; its columns are
+    NaN and its backbone is CSD_NOT_AVAILABLE. Nothing stands in for it: the toy backbone is no style descriptor."""
+    weight_file = real_weight_file("csd", spec, models_dir)
+    return None if weight_file is None else real_csd(weight_file, device)
+
+
 # Each backbone's weight file, and what stands in for it without one: the toy model and the metrics it affects.
 STAND_INS = {"inception": (INCEPTION_FILE_NAME, "the toy CLIP's image embedding", "FID/KID"),
              "clip": (CLIP_FILE_NAME, "the toy CLIP", "CLIP"),
@@ -406,7 +502,13 @@ STAND_INS = {"inception": (INCEPTION_FILE_NAME, "the toy CLIP's image embedding"
 def real_weight_file(kind: str, spec: str, models_dir: str | None) -> Path | None:
     """The real weight file backbone `kind` loads for `spec`: the named file, or for "auto" the one found in
     models_dir, ~/.cache/style-factory or the Hugging Face cache; None when the toy stands in, with a warning
-    that its numbers compare only to other runs made with it."""
+    that its numbers compare only to other runs made with it. CSD: None when it is "off", or not found (warned)."""
+    if kind == "csd" and spec in ("auto", "off"):  # no stand-in: without its weights CSD is not scored
+        found = find_in_folders(CSD_FILE_NAME, models_dir) if spec == "auto" else None
+        if spec == "auto" and found is None:
+            warnings.warn(f"NO CSD WEIGHTS: {CSD_FILE_NAME} is not in models_dir={models_dir} or "
+                          f"{STYLE_FACTORY_CACHE_DIR}: style_sim_csd is NaN ({CSD_NOT_AVAILABLE!r}).")
+        return found
     if spec not in ("auto", "toy"):
         return named_weight_file(kind, spec)
     file_name, stand_in, metrics = STAND_INS[kind]

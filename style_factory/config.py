@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
+import math
 import os
+import random
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ MAX_PROBLEMS = 20  # problems listed in one ConfigError; the rest are counted
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # train.report_to -> its package
 # train fields that change what a run shows while it works, not what it trains: left out of a job's key
 WATCH_FIELDS = frozenset({"report_to", "validation_every", "validation_prompts"})
+# train fields a sweep cannot vary: the job's seed (train.seeds varies it), nested sections, and the watch fields
+UNSWEPT_FIELDS = frozenset({"seed", "seeds", "method_options", "per_method", "export"}) | WATCH_FIELDS
+OPTION_PREFIX = "method_options."  # a sweep key naming one of the method's own options: method_options.rank
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,19 @@ class Registry:
 
     methods: Mapping[str, Any]
     families: Collection[str]
+
+
+@dataclass(frozen=True)
+class ConfigPath:
+    """Marks a method option that names a file (`Annotated[str | None, ConfigPath()]`): a relative value is read
+    against the folder of the config file that sets it (the run config, or a style.yaml's `train` section), as the
+    run's own paths are. `spec`: the value is "auto" | "toy" | [ARCH:]path, as evaluate.clip. `lines_into`: the file
+    lists names, one a line (blank lines and lines starting with '#' skipped); it is read when the config loads and
+    its names become that option, so what it lists is in the job's key and model card. `model`: a hub id or a
+    folder; only a local one (absolute, or starting with ".") is resolved, and style_factory/hub.py finds either."""
+    spec: bool = False
+    lines_into: str | None = None
+    model: bool = False
 
 
 def _registry(info: ValidationInfo) -> Registry | None:
@@ -62,6 +81,14 @@ def _known_method(name: str, info: ValidationInfo) -> str:
     registry = _registry(info)
     if registry is not None and name not in registry.methods:
         raise ValueError(f"unknown method {_excerpt(name)}; expected one of {sorted(registry.methods)}")
+    return name
+
+
+def _style_method(name: str, info: ValidationInfo) -> str:
+    """A method a style can train: registered, and not the content adapter, which only a subject trains."""
+    if _known_method(name, info) == SUBJECT_METHOD:
+        raise ValueError(f"{SUBJECT_METHOD!r} trains a subject's content adapter, not a style: put the subject in "
+                         "subjects_dir and name it in evaluate.compose")
     return name
 
 
@@ -102,12 +129,23 @@ class CurateConfig(Strict):
     min_side: int = Field(32, ge=8)  # images smaller than this on either side are rejected
     max_aspect: float = Field(4.0, ge=1.0)  # long side / short side; beyond it a centre crop loses the content
     max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard on the declared header size
+    # aspect-ratio buckets (style_factory.decode.bucket_sizes): each image resized and centre-cropped to the bucket of
+    # nearest aspect ratio, about resolution^2 pixels, sides multiples of bucket_step; false: the square centre crop
+    buckets: bool = False
+    bucket_step: int = Field(64, ge=8, multiple_of=8)  # 64 for SD latents; the 64 px presets need 16
     # Images whose 32x32 thumbnails differ in at most this fraction of pixels, as they lie or once scaled and shifted
     # onto each other (a copy cropped or resized a little), are near duplicates (style_factory.curate.differing_fraction).
     near_duplicate_fraction: float = Field(0.03, ge=0, le=1)
-    # transformers image-to-text model: a hub id, or a folder (absolute, or "./..." relative to the config file);
-    # a sidecar .txt wins
+    # transformers image-text-to-text model: a hub id, or a folder (absolute, or "./..." relative to the config file);
+    # a sidecar .txt wins (docs/config.md lists the captioners that work and their prompts)
     captioner: str | None = None
+    caption_prompt: str | None = Field(None, min_length=1)  # what the captioner is asked; None: no text input
+    captioner_gpus: float = Field(0, ge=0)  # per captioner actor; 0: on CPU, one actor
+    caption_batch_size: int = Field(8, ge=1)  # images per generate call
+    caption_max_tokens: int = Field(40, ge=1)  # new tokens per caption, at most (greedy decoding)
+    # remove the descriptor's words and style_words from captioner captions (never from sidecars or the template)
+    strip_style_words: bool = True
+    style_words: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
 class ExportConfig(Strict):
@@ -129,9 +167,15 @@ class TrainConfig(Strict):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: what the base's scheduler says
     snr_gamma: float | None = Field(None, gt=0)  # Min-SNR weighting; None = plain MSE
     random_flip: bool = True
+    # probability that a training image's caption is left out of its prompt, which keeps the method's style words
+    # (style_factory.loop.drop_captions)
+    caption_dropout: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 1337
+    # one model per training seed, each through the same fan-out (`train_seed` in results); None = [seed]. The model
+    # of `seed` keeps the plain name, the others are named <method>-s<seed>
+    seeds: list[int] | None = Field(None, min_length=1)
     checkpoint_every: int = Field(50, ge=1)
     max_failures: int = Field(2, ge=0)  # worker restarts from the last checkpoint before the style fails
     num_workers: int = Field(1, ge=1)  # data-parallel workers per style
@@ -167,6 +211,16 @@ class TrainConfig(Strict):
             raise ValueError("trackers must be unique")
         return trackers
 
+    @field_validator("seeds")
+    @classmethod
+    def _train_seeds_unique(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be unique")
+        return seeds
+
+    def training_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
+
     @field_validator("method_options", "per_method")
     @classmethod
     def _per_method_valid(cls, settings: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
@@ -175,7 +229,12 @@ class TrainConfig(Strict):
             _known_method(name, info)
             if info.field_name == "method_options":
                 if (registry := _registry(info)) is not None:
-                    registry.methods[name].Options.model_validate(values)
+                    try:
+                        registry.methods[name].Options.model_validate(values)
+                    except ValidationError as err:  # named by the method and option: "styledrop.feedback_images"
+                        raise ValueError("; ".join(f"{'.'.join([name, *map(str, e['loc'])])}: "
+                                                   f"{e['msg'].removeprefix('Value error, ')}"
+                                                   for e in err.errors())) from None
             elif nested := sorted({"method_options", "per_method"} & set(values)):
                 raise ValueError(f"{name}: {', '.join(nested)} cannot be set per method")
             else:
@@ -193,6 +252,29 @@ class SelectionConfig(Strict):
     tie_level: float = Field(0.95, gt=0, lt=1)  # confidence level of the paired intervals (also against the base)
 
 
+STYLE_ADAPTER_METHOD = "styledrop"  # the method whose adapter gives a composition its style
+SUBJECT_METHOD = "content"  # the one method a subject trains: its content adapter
+
+
+class ComposeConfig(Strict):
+    """A composition (style_factory/methods/content.py): the style's StyleDrop adapter and a subject's content adapter
+    sampled together, eps = (1 - gamma) * eps_style + gamma * eps_content."""
+    style: str  # a style folder of styles_dir whose methods include styledrop
+    content: str  # a subject folder of subjects_dir
+    gamma: float = Field(0.6, ge=0, le=1)  # the content adapter's share (the paper: 0.5-0.7)
+
+    @field_validator("style", "content")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not STYLE_NAME.match(name):
+            raise ValueError("must be a folder name: lowercase letters, digits, '-' or '_'")
+        return name
+
+
+class EveryN(Strict):
+    every: int = Field(ge=1)  # score the weights of every this-many-th step
+
+
 class EvaluateConfig(Strict):
     # content prompts; None = style_factory.generate.TOY_PROMPTS for the tiny presets, else DEFAULT_PROMPTS
     prompts: list[str] | None = None
@@ -202,6 +284,7 @@ class EvaluateConfig(Strict):
     inception: str = "auto"  # "auto" (real if found, else toy) | "toy" | path to inception-2015-12-05.pt
     clip: str = "auto"  # "auto" (real if found, else toy) | "toy" | [ARCH:]path to an open_clip checkpoint
     dino: str = "auto"  # "auto" (real if found, else toy) | "toy" | path to timm vit_small_patch16_224.dino
+    csd: str = "auto"  # "auto" (real if found, else not scored: NaN) | "off" | path to csd_vit_l14.safetensors
     kid_seed: int = 0
     gpus_per_task: float = Field(0, ge=0)
     # images per pipeline call wherever the project samples (evaluation, StyleDrop's feedback, DreamBooth's class
@@ -209,6 +292,17 @@ class EvaluateConfig(Strict):
     # generator, so the images do not depend on it.
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1, strict=True)] = "auto"
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    # style + subject compositions, sampled and scored like the models, with content similarity to the subject
+    compose: list[ComposeConfig] = Field(default_factory=list)
+    # training steps whose weights are exported beside the final model and scored like it (a `step` column): a list
+    # of steps, or {every: N}; steps at or past a job's max_steps are its final model
+    checkpoints: list[Annotated[int, Field(ge=1)]] | EveryN = Field(default_factory=list)
+
+    def checkpoint_steps(self, max_steps: int) -> list[int]:
+        """The steps before `max_steps` whose weights are kept and scored."""
+        if isinstance(self.checkpoints, EveryN):
+            return list(range(self.checkpoints.every, max_steps, self.checkpoints.every))
+        return sorted({step for step in self.checkpoints if step < max_steps})
 
     @field_validator("prompts")
     @classmethod
@@ -216,6 +310,13 @@ class EvaluateConfig(Strict):
         if prompts is not None and (not prompts or any(not p.strip() for p in prompts)):
             raise ValueError("must be a non-empty list of non-empty prompts")
         return prompts
+
+    @field_validator("csd")
+    @classmethod
+    def _csd_has_no_toy(cls, csd: str) -> str:
+        if csd == "toy":
+            raise ValueError("CSD has no toy stand-in: auto, off, or a path to csd_vit_l14.safetensors")
+        return csd
 
     @field_validator("seeds")
     @classmethod
@@ -228,7 +329,98 @@ class EvaluateConfig(Strict):
     def _enough_images(self) -> EvaluateConfig:
         if self.prompts is not None and len(self.prompts) * len(self.seeds) < 2:
             raise ValueError("prompts x seeds must give at least 2 images per model (FID and KID need two)")
+        entries = [(c.style, c.content, c.gamma) for c in self.compose]
+        if len(set(entries)) != len(entries):
+            raise ValueError(f"compose repeats an entry: {_excerpt(entries)}")
         return self
+
+
+class SweepRange(Strict):
+    """A random search's range of one numeric setting: uniform, or log-uniform, between low and high."""
+    low: float
+    high: float
+    log: bool = False  # log-uniform (learning rates)
+    integer: bool = False  # rounded to an integer (steps, ranks)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SweepRange:
+        if not self.low <= self.high:
+            raise ValueError("low must not exceed high")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class SweepConfig(Strict):
+    """Train settings to search per method. Every point is a training job of its own, through the same fan-out."""
+    search: Literal["grid", "random"] = "grid"  # grid: every combination; random: `budget` draws seeded by `seed`
+    budget: int | None = Field(None, ge=1)  # random: points per method
+    seed: int = 0  # random: the draws' seed
+    # method -> {train field or method_options.<option>: a list of values, or (random only) a SweepRange}
+    space: dict[str, dict[str, list[Any] | SweepRange]] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _space_valid(cls, space: dict[str, dict[str, list[Any] | SweepRange]],
+                     info: ValidationInfo) -> dict[str, dict[str, list[Any] | SweepRange]]:
+        registry = _registry(info)
+        for method, axes in space.items():
+            _known_method(method, info)
+            if not axes:
+                raise ValueError(f"{method}: no settings to sweep")
+            for name, values in axes.items():
+                if isinstance(values, list) and not values:
+                    raise ValueError(f"{method}.{name}: an empty list of values")
+                samples = values if isinstance(values, list) else [values.low, values.high]
+                if name.startswith(OPTION_PREFIX):
+                    if registry is not None:
+                        options = registry.methods[method].Options
+                        if name[len(OPTION_PREFIX):] not in options.model_fields:
+                            raise ValueError(f"{method}.{name}: not an option of {method}; expected one of "
+                                             f"{sorted(OPTION_PREFIX + f for f in options.model_fields)}")
+                        for value in samples:
+                            options.model_validate({name[len(OPTION_PREFIX):]: value})
+                elif name not in TrainConfig.model_fields or name in UNSWEPT_FIELDS:
+                    raise ValueError(f"{method}.{name}: not a train setting a sweep can vary; expected one of "
+                                     f"{sorted(set(TrainConfig.model_fields) - UNSWEPT_FIELDS)} or "
+                                     f"{OPTION_PREFIX}<option>")
+                else:
+                    for value in samples:
+                        TrainConfig.model_validate({name: value}, context=info.context)
+        return space
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> SweepConfig:
+        if self.search == "grid":
+            if self.budget is not None:
+                raise ValueError("budget is for search: random (a grid has every combination)")
+            if any(isinstance(v, SweepRange) for axes in self.space.values() for v in axes.values()):
+                raise ValueError("a grid takes lists of values; ranges ({low, high}) need search: random")
+        elif self.space and self.budget is None:
+            raise ValueError("search: random needs a budget (points per method)")
+        return self
+
+    def points(self, method: str) -> list[dict[str, Any]]:
+        """The method's points in order ([] when it is not swept); point i is named p<i>. Random draws are seeded by
+        `seed` and the method's name, so one method's points do not change with another's space."""
+        axes = self.space.get(method)
+        if not axes:
+            return []
+        if self.search == "grid":
+            return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+        draw = random.Random(f"{self.seed}:{method}")
+        return [{name: draw_value(values, draw) for name, values in axes.items()} for _ in range(self.budget)]
+
+
+def draw_value(values: list[Any] | SweepRange, draw: random.Random) -> Any:
+    """One random draw of a setting: a list's element, or a value in a range (log-uniform where `log`)."""
+    if isinstance(values, list):
+        return draw.choice(values)
+    if values.log:
+        value = math.exp(draw.uniform(math.log(values.low), math.log(values.high)))
+    else:
+        value = draw.uniform(values.low, values.high)
+    return round(value) if values.integer else float(f"{value:.4g}")
 
 
 class RunConfig(Strict):
@@ -237,6 +429,7 @@ class RunConfig(Strict):
     # are relative to the current directory (the repository, under make). See load_run_config.
     name: str = "tiny-demo"  # the run id: results land in <results_dir>/<name>/
     styles_dir: str = "styles"
+    subjects_dir: str = "subjects"  # subject folders (a style folder's format) that evaluate.compose names
     results_dir: str = "results"
     styles: list[str] = Field(default_factory=list)  # subset to run; empty = every folder in styles_dir
     methods: list[str] | None = None  # sweep these over every style; None = each style's own
@@ -249,6 +442,7 @@ class RunConfig(Strict):
     curate: CurateConfig = Field(default_factory=CurateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # train settings searched per method
 
     @field_validator("methods")
     @classmethod
@@ -257,7 +451,7 @@ class RunConfig(Strict):
             if not methods:
                 raise ValueError("must list at least one method (or be left out)")
             for name in methods:
-                _known_method(name, info)
+                _style_method(name, info)
         return methods
 
     @field_validator("baselines")
@@ -265,7 +459,7 @@ class RunConfig(Strict):
     def _baselines_zero_shot(cls, baselines: list[str], info: ValidationInfo) -> list[str]:
         registry = _registry(info)
         for name in baselines:
-            if _known_method(name, info) and registry is not None and registry.methods[name].trains:
+            if _style_method(name, info) and registry is not None and registry.methods[name].trains:
                 raise ValueError(f"{_excerpt(name)} trains; baselines are zero-shot methods (list it under methods)")
         return baselines
 
@@ -323,7 +517,7 @@ class StyleConfig(Strict):
     @field_validator("method")
     @classmethod
     def _method_known(cls, name: str, info: ValidationInfo) -> str:
-        return _known_method(name, info)
+        return _style_method(name, info)
 
     @field_validator("caption_template")
     @classmethod
@@ -352,19 +546,26 @@ class Style(BaseModel):
     name: str
     dir: Path
     config: StyleConfig
+    subject: bool = False  # a subject of subjects_dir: trains its content adapter only, scored only in compositions
 
     def concept_dir(self, concept: Concept, role: Literal["ref", "aux", "heldout"]) -> Path:
         return self.dir / getattr(concept, role)
 
-    def train_config(self, run: RunConfig, method: str) -> TrainConfig:
-        """The run's `train`, then this style's overrides, then `per_method[method]`. Only the method's own
-        options are kept, so a job's key changes with its own settings alone."""
+    def train_config(self, run: RunConfig, method: str, point: Mapping[str, Any] | None = None) -> TrainConfig:
+        """The run's `train`, then this style's overrides, then `per_method[method]`, then a sweep's `point`. Only
+        the method's own options are kept, so a job's key changes with its own settings alone."""
         merged = {**run.train.model_dump(), **self.config.train}
         options, per_method = merged.pop("method_options"), merged.pop("per_method")
-        own_options = {method: options[method]} if method in options else {}
-        return TrainConfig.model_validate({**merged, **per_method.get(method, {}), "method_options": own_options})
+        own_options = dict(options.get(method, {}))
+        point = dict(point or {})
+        for name in [n for n in point if n.startswith(OPTION_PREFIX)]:
+            own_options[name[len(OPTION_PREFIX):]] = point.pop(name)
+        return TrainConfig.model_validate({**merged, **per_method.get(method, {}), **point,
+                                           "method_options": {method: own_options} if own_options or method in options else {}})
 
     def methods(self, run: RunConfig) -> list[str]:
+        if self.subject:
+            return [SUBJECT_METHOD]
         chosen = list(run.methods) if run.methods else [self.config.method]
         return chosen + [name for name in run.baselines if name not in chosen]
 
@@ -470,7 +671,7 @@ def _resolve_paths(run: RunConfig, folder: Path) -> None:
     """Make the relative paths that a config file sets absolute against the file's `folder`, so that a run reads the
     same files from any current directory. Fields the file leaves out keep their defaults, relative to the current
     directory (the repository, under make)."""
-    for name in ("styles_dir", "results_dir"):
+    for name in ("styles_dir", "subjects_dir", "results_dir"):
         if name in run.model_fields_set:
             setattr(run, name, _against(folder, getattr(run, name)))
     model, curate, evaluate = run.model, run.curate, run.evaluate
@@ -483,11 +684,53 @@ def _resolve_paths(run: RunConfig, folder: Path) -> None:
     for name in ("inception", "dino"):
         if (spec := getattr(evaluate, name)) not in ("auto", "toy"):
             setattr(evaluate, name, _against(folder, spec))
-    if evaluate.clip not in ("auto", "toy"):  # [ARCH:]path, split as style_factory.backbones.load_clip splits it
-        arch, separator, spec = evaluate.clip.partition(":")
-        if not separator:
-            arch, spec = "", arch
-        evaluate.clip = arch + separator + _against(folder, spec)
+    if evaluate.csd not in ("auto", "off"):
+        evaluate.csd = _against(folder, evaluate.csd)
+    evaluate.clip = _against_spec(folder, evaluate.clip)
+
+
+def _against_spec(folder: Path, value: str) -> str:
+    """A backbone spec, "auto" | "toy" | [ARCH:]path, with its path made absolute against `folder`."""
+    if value in ("auto", "toy"):
+        return value
+    arch, separator, spec = value.partition(":")  # split as style_factory.backbones.load_clip splits it
+    if not separator:
+        arch, spec = "", arch
+    return arch + separator + _against(folder, spec)
+
+
+def _read_names(path: Path, where: str) -> list[str]:
+    """The names a list file holds, one a line; blank lines and '#' comments skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}: cannot read {path}: {err}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _resolve_option_paths(options: dict[str, dict[str, Any]], folder: Path, registry: Registry, source: Path) -> None:
+    """Each method's file options (marked `ConfigPath`) made absolute against `folder`, the folder of the config file
+    `source` that sets them; list files are read into the option they fill, which is validated again."""
+    for method, values in options.items():
+        schema = registry.methods[method].Options
+        read = []
+        for name, info in schema.model_fields.items():
+            marker = next((m for m in info.metadata if isinstance(m, ConfigPath)), None)
+            value = values.get(name)
+            if marker is None or not isinstance(value, str) or (marker.model and not _local_path(value)):
+                continue
+            values[name] = (_against_spec if marker.spec else _against)(folder, values[name])
+            if marker.lines_into:
+                listed = values.pop(name)
+                values[marker.lines_into] = _read_names(Path(listed), f"{source}: train.method_options.{method}.{name}")
+                read.append(listed)
+        if read:
+            try:
+                schema.model_validate(values)
+            except ValidationError as err:
+                raise ConfigError("\n".join(
+                    f"{source}: {'.'.join(['train.method_options', method, *map(str, e['loc'])])} "
+                    f"(read from {', '.join(read)}): {e['msg']}" for e in err.errors())) from None
 
 
 def load_run_config(path: str | Path | None, registry: Registry) -> RunConfig:
@@ -500,6 +743,7 @@ def load_run_config(path: str | Path | None, registry: Registry) -> RunConfig:
         raise ConfigError(f"{path}: run config not found")
     run = _validate(RunConfig, _read_yaml(path), path, registry)
     _resolve_paths(run, path.absolute().parent)
+    _resolve_option_paths(run.train.method_options, path.absolute().parent, registry, path)
     if "styles_dir" in run.model_fields_set and not Path(run.styles_dir).is_dir():
         raise ConfigError(f"{path}: styles_dir: folder {run.styles_dir} does not exist")
     if _local_path(run.model.base) and not Path(run.model.base).is_dir():
@@ -517,6 +761,7 @@ def load_style(style_dir: str | Path, registry: Registry) -> Style:
     if not config_path.is_file():
         raise ConfigError(f"{config_path}: missing (every style folder needs a style.yaml)")
     config = _validate(StyleConfig, _read_yaml(config_path), config_path, registry)
+    _resolve_option_paths(config.train.get("method_options", {}), style_dir.absolute(), registry, config_path)
     style = Style(name=name, dir=style_dir, config=config)
     root = style_dir.resolve()
     for i, concept in enumerate(config.concepts):
@@ -553,3 +798,37 @@ def load_styles(run: RunConfig, registry: Registry, names: list[str] | None = No
                                   f"{owner[token]!r}; tokens must be unique across styles")
             owner[token] = style.name
     return styles
+
+
+def load_subjects(run: RunConfig, registry: Registry, styles: list[Style], source: str) -> list[Style]:
+    """The subjects that the compositions of `styles` name, each `subjects_dir/<name>/` in a style folder's format.
+    Every entry of evaluate.compose is checked, whichever styles this command runs: its style must be a style folder
+    whose methods include styledrop, its content a subject folder, and a subject's tokens must be its own."""
+    running = {style.name: style for style in styles}
+    subjects: dict[str, Style] = {}
+    for index, entry in enumerate(run.evaluate.compose):
+        where = f"{source}: evaluate.compose.{index}"
+        if not (Path(run.styles_dir) / entry.style / "style.yaml").is_file():
+            raise ConfigError(f"{where}.style: unknown style {entry.style!r}: no {entry.style}/style.yaml in "
+                              f"{run.styles_dir}")
+        style = running.get(entry.style) or load_style(Path(run.styles_dir) / entry.style, registry)
+        if STYLE_ADAPTER_METHOD not in style.methods(run):
+            raise ConfigError(f"{where}.style: style {entry.style!r} does not train {STYLE_ADAPTER_METHOD} (its "
+                              f"methods: {style.methods(run)}); add it to the run's methods or the style's method")
+        folder = Path(run.subjects_dir) / entry.content
+        if not (folder / "style.yaml").is_file():
+            raise ConfigError(f"{where}.content: unknown subject {entry.content!r}: no {entry.content}/style.yaml "
+                              f"in {run.subjects_dir}")
+        if (Path(run.styles_dir) / entry.content / "style.yaml").is_file():
+            raise ConfigError(f"{where}.content: {entry.content!r} names a style too; a subject needs a name of its "
+                              "own (its curated data and model sit beside the styles')")
+        if entry.style in running and entry.content not in subjects:
+            subjects[entry.content] = load_style(folder, registry).model_copy(update={"subject": True})
+    owner = {token: style.name for style in styles for token in style.config.tokens}
+    for subject in subjects.values():
+        for token in subject.config.tokens:
+            if token in owner:
+                raise ConfigError(f"{subject.dir / 'style.yaml'}: token {token!r} is also used by "
+                                  f"{owner[token]!r}; a subject's tokens must be its own")
+            owner[token] = subject.name
+    return list(subjects.values())

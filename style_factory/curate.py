@@ -1,36 +1,32 @@
 """Curate: style folders -> `curated/<style>.parquet` + `curated/<style>.report.csv`.
 
 Every input file gets one verdict, kept or rejected with a reason. Files are listed on the driver
-(so nothing outside the style folder is ever read), decoded and normalised in parallel with Ray Data,
-then deduplicated and captioned per style; a caption too long for the methods' style words to follow it into the
-text encoder is shortened, and the file's report note says so. A style fails only when a concept keeps fewer
+(so nothing outside the style folder is ever read), decoded and normalised in parallel with Ray Data, then, with a
+captioner, captioned where no sidecar says what an image shows (one Ray Data pass over every style's images, through a
+cache) and deduplicated per style; a caption too long for the methods' style words to follow it into the text
+encoder is shortened, and the file's report note says so. A style fails only when a concept keeps fewer
 StyleRef images than `curate.min_ref_images`, or when its words alone overflow the text encoder.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from style_factory import caption, progress
 from style_factory.config import CurateConfig, Style
-from style_factory.data import CURATED_SCHEMA
+from style_factory.data import curated_table
+from style_factory.decode import GEOMETRY_COLUMNS, THUMB, THUMB_LEVELS, DecodeBatch
 from style_factory.files import code_version, sha256_of, write_json_atomic, write_parquet_atomic, write_text_atomic
 from style_factory.run import Run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# The Pillow decoders for those suffixes, and only those: a renamed EPS or PDF never reaches Ghostscript.
-IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
 SIDECAR_SUFFIXES = {".txt"}
 
 
@@ -87,66 +83,6 @@ def _rejection_before_decoding(path: Path, root: Path) -> str:
     return ""
 
 
-def decode_image(data: bytes, cfg: CurateConfig, resolution: int) -> tuple[Image.Image | None, str, dict]:
-    """Decode, orient, convert to RGB and centre-crop/resize; or None and the reason it cannot serve.
-    The third item is the source's size and the crop's offset (`source_geometry`), {} when rejected."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
-        width, height = image.size
-        if width * height > cfg.max_pixels:  # checked before any pixel is decoded
-            return None, (f"decompression bomb guard: declared size {width}x{height} "
-                          f"exceeds max_pixels={cfg.max_pixels}"), {}
-        image.seek(0)  # animated images: the first frame
-        image.load()
-        image = _to_rgb(ImageOps.exif_transpose(image))
-    except Image.DecompressionBombError as err:  # Pillow's own hard limit trips in open(), before our check
-        return None, f"decompression bomb guard: {err} (max_pixels={cfg.max_pixels})", {}
-    except UnidentifiedImageError:  # its message names the in-memory buffer: "<_io.BytesIO object at 0x7f...>"
-        return None, f"cannot decode image: not an image PIL can read (tried {', '.join(IMAGE_FORMATS)})", {}
-    except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt/truncated data
-        return None, f"cannot decode image: damaged or cut short ({without_reprs(err)})", {}
-    width, height = image.size
-    if min(width, height) < cfg.min_side:
-        return None, f"too small: {width}x{height} (min_side={cfg.min_side})", {}
-    if max(width, height) / min(width, height) > cfg.max_aspect:
-        return None, f"extreme aspect ratio {width}x{height} (max_aspect={cfg.max_aspect})", {}
-    return (ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS), "",
-            source_geometry(width, height, resolution))
-
-
-def without_reprs(err: Exception) -> str:
-    """An exception's message for a person: Python object reprs (`<_io.BytesIO object at 0x...>`) left out, and
-    its type's name when nothing else is left."""
-    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(err)).strip() or type(err).__name__
-
-
-def source_geometry(width: int, height: int, resolution: int) -> dict:
-    """The source size and the offset of ImageOps.fit's centred square crop, in the source resized so its short
-    side is `resolution`: the coordinates SDXL's crop conditioning uses (as diffusers' and kohya's trainers)."""
-    side = min(width, height)
-    scale = resolution / side
-    return {"original_width": width, "original_height": height,
-            "crop_left": round((width - side) / 2 * scale), "crop_top": round((height - side) / 2 * scale)}
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white; 16-bit and float modes scaled to 8 bit."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale (older Pillow opens it as "I"): full scale maps to full scale, as a viewer shows it
-        array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) // 257
-        image = Image.fromarray(array.astype(np.uint8))
-    elif image.mode == "F":
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        image = Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
-    if image.has_transparency_data:  # an alpha channel, or a transparent palette index or colour
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-THUMB = 32  # side of the thumbnail near duplicates are compared on
-THUMB_LEVELS = 20  # a thumbnail pixel "differs" when a channel moves by more than this (re-encoding noise is less)
 # Pairs whose 4x4-pixel cell means differ by more than this (levels, on average) are not aligned: copies measured at
 # most 16 and distinct photographs and noise at least 23, so this only skips work, never a copy.
 ALIGN_CELL_LEVELS = 25
@@ -154,13 +90,6 @@ ALIGN_MAX_SCALE = 0.15  # a copy's content may be magnified or shrunk by this mu
 ALIGN_MAX_SHIFT = 0.12  # ... and moved by this fraction of the side
 ALIGN_MIN_OVERLAP = 0.7  # an alignment that overlaps less of the thumbnail than this proves nothing
 ALIGN_EDGE = 1  # once aligned, pixels this close to either thumbnail's border are not compared (see _aligned_fraction)
-
-
-def thumbnail(image: Image.Image) -> np.ndarray:
-    """THUMB x THUMB, blurred by a thumbnail pixel: re-encoding (JPEG chroma subsampling) and resampling
-    move hard colour edges by about that much, which would otherwise count as differing pixels."""
-    small = image.resize((THUMB, THUMB), Image.Resampling.BOX).filter(ImageFilter.GaussianBlur(1))
-    return np.asarray(small, dtype=np.uint8)
 
 
 def differing_fraction(thumb: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -255,44 +184,6 @@ def _sample(images: np.ndarray, xs: np.ndarray, ys: np.ndarray, edge: int = 0) -
     return top * (1 - fy) + bottom * fy, inside
 
 
-GEOMETRY_COLUMNS = ("original_width", "original_height", "crop_left", "crop_top")
-
-
-class DecodeBatch:
-    """Ray Data map_batches function: raw bytes -> normalised PNG bytes, hashes, or a rejection reason."""
-
-    def __init__(self, cfg: dict, resolution: int):
-        self.cfg = CurateConfig.model_validate(cfg)
-        self.resolution = resolution
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"path": [], "image": [], "content_hash": [], "thumbnail": [], "rejected": [],
-                                **{name: [] for name in GEOMETRY_COLUMNS}}
-        for path in batch["path"]:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as err:
-                image, reason, geometry = None, f"cannot read file: {err.strerror or err}", {}
-            else:
-                image, reason, geometry = decode_image(data, self.cfg, self.resolution)
-            png, content_hash, thumb = b"", "", b""
-            if image is not None:
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                png = buffer.getvalue()
-                content_hash = hashlib.sha256(image.tobytes()).hexdigest()
-                thumb = thumbnail(image).tobytes()
-            out["path"].append(str(path))
-            out["image"].append(png)
-            out["content_hash"].append(content_hash)
-            out["thumbnail"].append(thumb)
-            out["rejected"].append(reason)
-            for name in GEOMETRY_COLUMNS:
-                out[name].append(geometry.get(name, 0))
-        progress.report("curate", {str(path): (1, 1) for path in batch["path"]})
-        return out
-
-
 def decode_all(paths: list[Path], cfg: CurateConfig, resolution: int) -> dict[str, dict]:
     """Decode every path in parallel with Ray Data; returns {absolute path: decoded row}.
 
@@ -313,13 +204,15 @@ def decode_all(paths: list[Path], cfg: CurateConfig, resolution: int) -> dict[st
 
 
 def curate_style(style: Style, candidates: list[Candidate], decoded: dict[str, dict], cfg: CurateConfig,
-                 resolution: int, out_dir: Path) -> pd.DataFrame:
-    """Deduplicate, caption and write one style's curated Parquet and its report; returns the report."""
+                 resolution: int, out_dir: Path, captions: dict[str, str] | None = None,
+                 captioner: tuple[str, str] = ("", "")) -> pd.DataFrame:
+    """Deduplicate, caption and write one style's curated Parquet and its report; returns the report. `captions`
+    are the captioner's by content hash (`caption_all`), `captioner` its (id, revision), recorded beside them."""
     kept, report = [], []
     seen_exact: dict[str, str] = {}
     kept_thumbs: list[np.ndarray] = []
     kept_names: list[str] = []
-    captioner = caption.load_captioner(cfg.captioner)
+    words = caption.style_words(style.config, cfg.style_words) if cfg.strip_style_words else []
     for cand in candidates:
         rel = _printable(str(cand.path.relative_to(style.dir)))
         reason, row = cand.rejected, None
@@ -342,27 +235,29 @@ def curate_style(style: Style, candidates: list[Candidate], decoded: dict[str, d
         note = ""
         if not reason:
             concept = style.config.concepts[cand.concept]
-            text, source = caption.caption_for(cand.path, row["image"], captioner,
-                                               style.config.caption_template, concept.class_word)
+            text, source, stripped = caption.caption_for(cand.path, (captions or {}).get(row["content_hash"]),
+                                                         style.config, concept.class_word, words)
             try:
                 text, note = caption.fit_caption(text, style.config)
             except ValueError as err:
                 raise CurationError(f"{style.dir / 'style.yaml'}: {err}") from None
             if note:
                 print(f"[curate] WARNING {style.name}: {rel}: {note}", flush=True)
+            note = "; ".join(filter(None, [stripped, note]))
+            captioned_by = dict(zip(("captioner", "captioner_revision"),
+                                    captioner if source == "captioner" else ("", "")))
         report.append({"style": style.name, "file": rel, "role": cand.role, "concept": cand.concept,
                        "status": "rejected" if reason else "kept", "reason": reason, "note": note})
         if reason:
             continue
         kept.append({"style": style.name, "role": cand.role, "concept": cand.concept, "token": concept.token,
-                     "class_word": concept.class_word, "caption": text, "caption_source": source,
-                     "image": row["image"], "width": resolution, "height": resolution,
-                     **{name: row[name] for name in GEOMETRY_COLUMNS},
+                     "class_word": concept.class_word, "caption": text, "caption_source": source, **captioned_by,
+                     "image": row["image"], **{name: row[name] for name in GEOMETRY_COLUMNS},
                      "content_hash": row["content_hash"], "source_path": rel})
     report_df = pd.DataFrame(report, columns=["style", "file", "role", "concept", "status", "reason", "note"])
     write_text_atomic(out_dir / f"{style.name}.report.csv", report_df.to_csv(index=False))
     _check_enough(style, report_df, cfg)
-    write_parquet_atomic(pa.Table.from_pylist(kept, schema=CURATED_SCHEMA), out_dir / f"{style.name}.parquet")
+    write_parquet_atomic(curated_table(kept, resolution), out_dir / f"{style.name}.parquet")
     return report_df
 
 
@@ -402,14 +297,34 @@ def style_fingerprint(style: Style) -> str:
     return digest.hexdigest()
 
 
+def caption_all(run: Run, candidates: list[Candidate], decoded: dict[str, dict], identity: tuple[str, str]
+                ) -> dict[str, str]:
+    """The captioner's captions (content hash -> caption) of the decoded candidates that have no sidecar, in one
+    Ray Data pass over every style's, through the cache `<results_dir>/captions/`; {} without a captioner. Near
+    duplicates, rejected after this, are captioned too (their captions are cached like any other)."""
+    cfg = run.config.curate
+    if cfg.captioner is None:
+        return {}
+    rows = [decoded.get(str(c.path.resolve())) for c in candidates
+            if not c.rejected and not caption.read_sidecar(c.path)]
+    images = {row["content_hash"]: row["image"] for row in rows if row is not None and not row["rejected"]}
+    if not images:
+        return {}
+    captions, stats = caption.caption_images(images, cfg, identity, Path(run.config.results_dir).resolve() / "captions")
+    print(f"[curate] captions of {len(images)} image(s) by {identity[0]} ({identity[1]}): {stats.captioned} by the "
+          f"model in {len(stats.batches)} batch(es), {stats.cached} from the cache", flush=True)
+    return captions
+
+
 def curate_styles(run: Run) -> None:
     """Curate every live style whose inputs changed since the last run; record each style's outcome."""
     cfg, resolution = run.config.curate, run.resolution
     out_dir = run.dir / "curated"
+    identity = caption.captioner_identity(cfg.captioner, run.config.model.models_dir) if cfg.captioner else ("", "")
     todo = []
     for style in run.live_styles():
         key = sha256_of(style_fingerprint(style), style.config.model_dump(), cfg.model_dump(), resolution,
-                        code_version("style_factory.curate"))
+                        code_version("style_factory.curate"), *([identity] if cfg.captioner else []))
         marker = out_dir / f"{style.name}.json"
         if marker.is_file() and json.loads(marker.read_text()).get("key") == key and run.curated(style.name).is_file():
             run.record(style.name, "curate", "reused")
@@ -418,15 +333,25 @@ def curate_styles(run: Run) -> None:
     candidates = {style.name: list_candidates(style) for style, _ in todo}
     paths = [c.path.resolve() for found in candidates.values() for c in found if not c.rejected]
     decoded = decode_all(paths, cfg, resolution)
+    captions = caption_all(run, [c for style, _ in todo for c in candidates[style.name]], decoded, identity)
     for style, key in todo:
         try:
-            report = curate_style(style, candidates[style.name], decoded, cfg, resolution, out_dir)
+            report = curate_style(style, candidates[style.name], decoded, cfg, resolution, out_dir, captions,
+                                  identity)
         except CurationError as err:
             run.record(style.name, "curate", str(err))
             print(f"[curate] {style.name} FAILED: {err}", flush=True)
             continue
         counts = report.status.value_counts().to_dict()
-        write_json_atomic(out_dir / f"{style.name}.json", {"key": key, **counts})
+        buckets = bucket_counts(run.curated(style.name))
+        write_json_atomic(out_dir / f"{style.name}.json", {"key": key, **counts, "buckets": buckets})
         run.record(style.name, "curate", "ok")
-        print(f"[curate] {style.name}: kept {counts.get('kept', 0)}, rejected {counts.get('rejected', 0)}",
-              flush=True)
+        print(f"[curate] {style.name}: kept {counts.get('kept', 0)}, rejected {counts.get('rejected', 0)}; "
+              f"images per size: {', '.join(f'{size} {n}' for size, n in buckets.items())}", flush=True)
+
+
+def bucket_counts(curated: Path) -> dict[str, int]:
+    """The kept images per size ("<width>x<height>", the bucket; one size when buckets are off), largest first."""
+    sizes = pd.read_parquet(curated, columns=["width", "height"])
+    counts = (sizes.width.astype(str) + "x" + sizes.height.astype(str)).value_counts()
+    return {size: int(n) for size, n in counts.items()}

@@ -6,7 +6,9 @@ against the untuned base lies wholly below 0 and whose CLIP-T is at most a margi
 keep the base. Models are compared on the same bootstrap resamples of (prompt, seed) pairs that `kid_vs_base` uses,
 drawn from the features evaluate stored, so every difference is paired. Rows of one model configuration (a method,
 plus a `step` or swept settings where the table has them) trained with several `train_seed`s are averaged over
-their seeds first, resample by resample, with the spread between seeds in view.
+their seeds first, resample by resample, with the spread between seeds in view: a configuration beats another (or
+the base) only when the paired interval of the difference excludes 0 and the difference is larger than the seed
+spread (`seed_noise`); otherwise it is tied with it, or not eligible against the base.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from style_factory.evaluate import RESULTS_SCHEMA
 from style_factory.families import FAMILIES
 from style_factory.files import read_json, write_parquet_atomic
 from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE
-from style_factory.report import BASE_METHOD, BEST_FILENAME, NOISE_FLOOR, kid_display
+from style_factory.report import BASE_METHOD, BEST_FILENAME, NOISE_FLOOR, is_composition, kid_display
+from style_factory.train import SEED_COLUMN  # one model per training seed: averaged over, never a setting
 from style_factory.train_job import MODEL_CARD
 
-SEED_COLUMN = "train_seed"  # one model per training seed: averaged over, never a setting
 REFERENCES = {"kid": "ref", "kid_heldout": "heldout"}  # primary metric -> the features' reference images
 NAMES = {"kid": "KID", "kid_heldout": "held-out KID"}  # as the verdict's sentences name them
 
@@ -102,6 +104,12 @@ def paired(a: Candidate, b: Candidate, level: float) -> tuple[float, float, floa
     return (a.value - b.value, *metrics.percentile_interval(a.values - b.values, level))
 
 
+def seed_noise(a: Candidate, b: Candidate) -> float:
+    """The larger of the two configurations' standard deviations between training seeds (0 with one seed each):
+    a lead no larger than this is seed noise, not a win."""
+    return float(np.nanmax([a.seed_std, b.seed_std, 0.0]))
+
+
 def plain(value: object) -> object:
     """A setting as JSON writes it: a numpy scalar as Python's, a whole float (an int column with nulls) as an int."""
     value = value.item() if hasattr(value, "item") else value
@@ -140,6 +148,20 @@ def style_candidates(style_rows: pd.DataFrame, settings: list[str], primary: str
     return base, candidates
 
 
+def exported_files(run_dir: Path, folder: str) -> tuple[dict, set[str]]:
+    """A model folder's card and the files its export wrote (the card's manifest). A LoRA extracted from a full
+    fine-tune (`<model folder>/lora-r<rank>/`) has no card of its own: its files are those under it in the fine-tune's
+    manifest."""
+    card = read_json(run_dir / folder / MODEL_CARD)
+    if card is not None:
+        return card, set(card.get("files", {}))
+    source = read_json(run_dir / Path(folder).parent / MODEL_CARD) or {}
+    name = Path(folder).name
+    if (source.get("extracted_lora") or {}).get("folder") != name:
+        return {}, set()
+    return {}, {path.removeprefix(f"{name}/") for path in source.get("files", {}) if path.startswith(f"{name}/")}
+
+
 def load_files(run_dir: Path, row: pd.Series, family: str) -> dict:
     """What to load the model with, from the files its export wrote (the model card's manifest), relative to the run
     folder: the diffusers call, the file for diffusers, the file for ComfyUI and AUTOMATIC1111, token embeddings."""
@@ -148,8 +170,7 @@ def load_files(run_dir: Path, row: pd.Series, family: str) -> dict:
         return {"diffusers_load": f'{pipeline_class}.from_pretrained("{row["base_model"]}")', "diffusers_file": "",
                 "webui_file": "", "embeddings": []}
     folder = row["model_dir"]
-    card = read_json(run_dir / folder / MODEL_CARD) or {}
-    files = set(card.get("files", {}))
+    card, files = exported_files(run_dir, folder)
     embeddings = sorted(f"{folder}/{name}" for name in files if name.startswith("embeddings/"))
     if "model_index.json" in files:  # a full fine-tune: a diffusers folder, and its single-file checkpoint
         single_file = (card.get("single_file") or {}).get("file")
@@ -182,6 +203,9 @@ def verdict(style_rows: pd.DataFrame, features: pd.DataFrame, selection: Selecti
         keeps_content = c.clip_t >= floor
         if change[2] >= 0:
             reason = f"its {shown} did not fall against the base's (paired interval reaches {change[2] * scale:+.1f})"
+        elif -change[0] <= seed_noise(c, base):
+            reason = (f"its {shown} fell by {-change[0] * scale:.1f}, no more than its spread between training seeds "
+                      f"({c.seed_std * scale:.1f})")
         elif not keeps_content:
             reason = f"CLIP-T {c.clip_t:.3f} is more than {selection.content_margin:g} below the base's {base.clip_t:.3f}"
         else:
@@ -198,8 +222,8 @@ def verdict(style_rows: pd.DataFrame, features: pd.DataFrame, selection: Selecti
     tied = []
     if selection.tie_test == "paired_bootstrap":
         for c in [*others, base] if winner is not base else others:
-            _, low, high = paired(c, winner, level)
-            if c.clip_t >= floor and low <= 0 <= high:
+            diff, low, high = paired(c, winner, level)
+            if c.clip_t >= floor and (low <= 0 <= high or abs(diff) <= seed_noise(c, winner)):
                 tied.append(c.label)
     vs_base = paired(winner, base, level) if winner is not base else (np.nan, np.nan, np.nan)
     if winner is base:
@@ -247,6 +271,7 @@ def decide(run_dir: str | Path, selection: SelectionConfig) -> Path | None:
         print(f"[decide] {run_dir}: no results.parquet and features.parquet to decide from", flush=True)
         return None
     results = pd.read_parquet(results_path)
+    results = results[~is_composition(results)]  # a composition answers other prompts: never the style's model
     protocol = json.loads((pq.read_schema(results_path).metadata or {}).get(b"style_factory_protocol", b"{}"))
     kid_seed = int(protocol.get("kid_seed", 0))
     features = pd.read_parquet(run_dir / "features.parquet",

@@ -3,8 +3,10 @@
 Per style and model: FID and KID (clean-fid's functions on Inception features) against the style's
 StyleRef images, CLIP-T (image vs. the content prompt without style words) and CLIP style similarity
 (image vs. the StyleRef images), with open_clip, and DINO style consistency (pairwise cosine within
-each generated set, one set per seed, as StyleAligned reports it). The backbones used, and whether they are real
-weights or the toy backbone, are written into every row.
+each generated set, one set per seed, as StyleAligned reports it); CSD style similarity (Somepalli et al. 2024) when
+its weights are here, and the Inception Score from the Inception features and the network's output layer. The
+backbones used, and whether they are real weights or the toy backbone (CSD: or not available), are written into
+every row.
 
 Uncertainty: one seeded bootstrap over each model's images gives kid_std and 95% intervals of KID,
 CLIP-T and style similarity. Every model is sampled on the base's contents and seeds, so the same
@@ -29,6 +31,7 @@ import ray
 from PIL import Image
 
 from style_factory import metrics
+from style_factory.config import STYLE_ADAPTER_METHOD, SUBJECT_METHOD, ComposeConfig, Style
 from style_factory.files import (code_version, make_temp_dir, read_json, replace_dir_atomic, sha256_of, write_json_atomic,
                             write_parquet_atomic)
 from style_factory.families import FAMILIES
@@ -56,7 +59,16 @@ RESULTS_SCHEMA = pa.schema([
     ("n_heldout", pa.int32()), ("kid_heldout", pa.float64()), ("kid_heldout_ci_low", pa.float64()),
     ("kid_heldout_ci_high", pa.float64()), ("style_sim_heldout", pa.float64()),
     ("style_sim_heldout_ci_low", pa.float64()), ("style_sim_heldout_ci_high", pa.float64()),
+    ("style_sim_csd", pa.float64()), ("style_sim_csd_ci_low", pa.float64()), ("style_sim_csd_ci_high", pa.float64()),
+    ("style_sim_csd_heldout", pa.float64()), ("style_sim_csd_heldout_ci_low", pa.float64()),
+    ("style_sim_csd_heldout_ci_high", pa.float64()),
+    ("inception_score", pa.float64()), ("inception_score_ci_low", pa.float64()),
+    ("inception_score_ci_high", pa.float64()),
+    ("subject", pa.string()), ("gamma", pa.float64()), ("content_clip_i", pa.float64()),
+    ("content_clip_i_ci_low", pa.float64()), ("content_clip_i_ci_high", pa.float64()), ("content_dino", pa.float64()),
+    ("content_dino_ci_low", pa.float64()), ("content_dino_ci_high", pa.float64()),
     ("inception_backbone", pa.string()), ("clip_backbone", pa.string()), ("dino_backbone", pa.string()),
+    ("csd_backbone", pa.string()),
     ("backbones_real", pa.bool_()), ("backbone_sha256", pa.string()),
     ("samples_dir", pa.string()), ("model_dir", pa.string()), ("config_hash", pa.string()),
     ("versions", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
@@ -67,7 +79,10 @@ FEATURES_SCHEMA = pa.schema([
     ("prompt_index", pa.int32()), ("seed", pa.int64()), ("backbone", pa.string()),
     ("feature", pa.list_(pa.float32())),
 ])
+# a composition's similarity to its subject's images (NaN for every other model)
+CONTENT_COLUMNS = [f"{name}{part}" for name in ("content_clip_i", "content_dino") for part in ("", "_ci_low", "_ci_high")]
 SCORES_DIR = "scores"  # per style: the rows and features that results.parquet and features.parquet gather
+STEP_COLUMN = "step"  # results' column of the training step a model's weights are from
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip_torch", "pyarrow", "scipy")
 
 
@@ -83,31 +98,124 @@ def base_prompt(content: str, descriptor: str) -> str:
 
 
 def plan_samples(run: Run, trained: dict[tuple[str, str], str]) -> list[SampleJob]:
-    """One job per style for the base model and one per trained (style, method) -> model folder."""
+    """One job per style for the base model and one per trained (style, model name) -> model folder, then those of
+    the LoRAs extracted from them and of the compositions; a job's out_dir is `samples/<style>/<model name>`."""
     cfg = run.config.evaluate
     contents = content_prompts(run)
     base, family = run.base_model, run.family
     protocol = [contents, cfg.seeds, cfg.num_inference_steps, cfg.guidance_scale, run.resolution]
     jobs = []
     for style in run.live_styles():
+        if style.subject:  # a subject is scored only in the compositions that name it
+            continue
         base_prompts = [base_prompt(c, style.config.descriptor) for c in contents]
-        models = {BASE_METHOD: ("", base_prompts, base_model_identity(base))}
-        for (name, method), model_dir in trained.items():
-            if name == style.name:
+        models = {BASE_METHOD: (BASE_METHOD, "", base_prompts, base_model_identity(base))}
+        for (style_name, name), model_dir in trained.items():
+            if style_name == style.name:
                 card = read_json(Path(model_dir) / MODEL_CARD)
+                method = card["method"]
                 prompts = [get_method(method).eval_prompt(c, style.config) for c in contents]
-                models[method] = (model_dir, prompts, card["key"])
-        for method, (model_dir, prompts, model_key) in models.items():
+                models[name] = (method, model_dir, prompts, card["key"])
+        for name, (method, model_dir, prompts, model_key) in models.items():
             # the code that draws the images: the stage, the family's pipeline, the method's sampler if any
             code = code_version("style_factory.generate", FAMILIES[family].__module__,
                                 *([METHODS[method].__module__] if model_dir else []))
             jobs.append(SampleJob(
                 style=style.name, method=method, family=family, base_model=base, model_dir=model_dir,
-                prompts=prompts, seeds=cfg.seeds, out_dir=str(run.samples_dir(style.name, method)),
+                prompts=prompts, seeds=cfg.seeds, out_dir=str(run.samples_dir(style.name, name)),
                 key=sha256_of(model_key, prompts, protocol, code),
                 resolution=run.resolution, num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale))
+        jobs += plan_extracted_loras(run, style, trained, contents, protocol)
+        jobs += plan_compositions(run, style, trained, contents, protocol)
     return jobs
+
+
+def extracted_lora_name(name: str, rank: int) -> str:
+    """The model name of the LoRA extracted from model `name` (a method, or its samples folder's name):
+    `styleboost-lora16`."""
+    return f"{name}-lora{rank}"
+
+
+def plan_extracted_loras(run: Run, style: Style, trained: dict[tuple[str, str], str], contents: list[str],
+                         protocol: list) -> list[SampleJob]:
+    """One job per trained model of `style` whose card has an `extracted_lora` (train.export.extract_lora_rank): the
+    base with that LoRA's file alone (its folder inside the fine-tune's), asked the fine-tune's prompts, keyed by the
+    fine-tune's key and the rank; scored as a model of its own, `<method>-lora<rank>`."""
+    cfg, jobs = run.config.evaluate, []
+    code = code_version("style_factory.generate", FAMILIES[run.family].__module__)  # generate loads the file
+    for (style_name, name), model_dir in trained.items():
+        card = read_json(Path(model_dir) / MODEL_CARD) if style_name == style.name else None
+        lora = (card or {}).get("extracted_lora")
+        if lora is None:
+            continue
+        prompts = [get_method(card["method"]).eval_prompt(c, style.config) for c in contents]
+        jobs.append(SampleJob(
+            style=style.name, method=extracted_lora_name(card["method"], lora["rank"]), family=run.family,
+            base_model=run.base_model, model_dir=str(Path(model_dir) / lora["folder"]), extracted_from=model_dir,
+            prompts=prompts, seeds=cfg.seeds, out_dir=str(run.samples_dir(style.name,
+                                                                          extracted_lora_name(name, lora["rank"]))),
+            key=sha256_of(card["key"], "extracted_lora", lora["rank"], prompts, protocol, code),
+            resolution=run.resolution, num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale))
+    return jobs
+
+
+def composition_name(entry: ComposeConfig) -> str:
+    """A composition's model name (its samples folder and `method` in results): what it mixes, and how."""
+    return f"compose-{entry.style}-{entry.content}-g{entry.gamma:g}"
+
+
+def plan_compositions(run: Run, style: Style, trained: dict[tuple[str, str], str], contents: list[str],
+                      protocol: list) -> list[SampleJob]:
+    """One job per evaluate.compose entry of `style` whose two adapters are trained: the style's StyleDrop model
+    and the subject's content model, asked for each content prompt with the subject's words and the style's."""
+    cfg, jobs = run.config.evaluate, []
+    subjects = {s.name: s for s in run.live_styles() if s.subject}
+    for entry in cfg.compose:
+        if entry.style != style.name:
+            continue
+        style_dir, content_dir = trained.get((style.name, STYLE_ADAPTER_METHOD)), trained.get((entry.content,
+                                                                                                SUBJECT_METHOD))
+        if style_dir is None or content_dir is None or entry.content not in subjects:
+            print(f"[evaluate] {composition_name(entry)}: not sampled, its {STYLE_ADAPTER_METHOD} or "
+                  f"{SUBJECT_METHOD} model is not trained", flush=True)
+            continue
+        subject = subjects[entry.content].config
+        prompts = [get_method(STYLE_ADAPTER_METHOD).eval_prompt(get_method(SUBJECT_METHOD).eval_prompt(c, subject),
+                                                                 style.config) for c in contents]
+        keys = [read_json(Path(folder) / MODEL_CARD)["key"] for folder in (style_dir, content_dir)]
+        code = code_version("style_factory.generate", FAMILIES[run.family].__module__,
+                            METHODS[STYLE_ADAPTER_METHOD].__module__, METHODS[SUBJECT_METHOD].__module__)
+        jobs.append(SampleJob(
+            style=style.name, method=STYLE_ADAPTER_METHOD, family=run.family, base_model=run.base_model,
+            model_dir=style_dir, content_dir=content_dir, gamma=entry.gamma, prompts=prompts, seeds=cfg.seeds,
+            out_dir=str(run.samples_dir(style.name, composition_name(entry))),
+            key=sha256_of(keys, entry.gamma, prompts, protocol, code), resolution=run.resolution,
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale))
+    return jobs
+
+
+def composition_entry(run: Run, job: SampleJob) -> dict:
+    """A composition's extra fields for scoring: its subject, gamma and the subject's curated images."""
+    if not job.content_dir:
+        return {}
+    subject = Path(job.content_dir).parent.name  # models/<subject>/content
+    return {"subject": subject, "gamma": job.gamma, "subject_images": reference_images(run, subject)}
+
+
+def content_scores(gen_clip: np.ndarray, gen_dino: np.ndarray, subject_clip: np.ndarray, subject_dino: np.ndarray,
+                   seed: int) -> dict:
+    """DreamBooth's subject fidelity: per image, its mean CLIP (CLIP-I) and DINO cosine to the subject's images,
+    averaged, with 95% intervals from the same seeded bootstrap over the images as the other metrics."""
+    resamples = metrics.bootstrap_indices(len(gen_clip), seed)
+    scores = {}
+    for name, gen, subject in (("content_clip_i", gen_clip, subject_clip), ("content_dino", gen_dino, subject_dino)):
+        per_image = metrics.style_cosines(gen, subject)
+        scores[name] = float(per_image.mean())
+        scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = metrics.percentile_interval(
+            per_image[resamples].mean(axis=1))
+    return scores
 
 
 def reference_images(run: Run, style: str, role: str = "ref") -> list[str]:
@@ -195,6 +303,39 @@ def heldout_scores(feats: np.ndarray, gen_clip: np.ndarray, heldout_feats: np.nd
     return scores
 
 
+def csd_scores(gen_csd: np.ndarray | None, ref_csd: np.ndarray | None, heldout_csd: np.ndarray | None,
+               seed: int) -> dict:
+    """CSD style similarity (mean cosine of each image's CSD style embedding to the StyleRef images'), and against
+    the held-out StyleRef images (at least 2), with intervals over the same resamples as style_sim; NaN without CSD
+    weights or those images."""
+    scores = {f"style_sim_csd{part}{bound}": float("nan") for part in ("", "_heldout")
+              for bound in ("", "_ci_low", "_ci_high")}
+    if gen_csd is None:
+        return scores
+    resamples = metrics.bootstrap_indices(len(gen_csd), seed)
+    for part, reference, at_least in (("", ref_csd, 1), ("_heldout", heldout_csd, 2)):
+        if reference is None or len(reference) < at_least:
+            continue
+        per_image = metrics.style_cosines(gen_csd, reference)
+        scores[f"style_sim_csd{part}"] = float(per_image.mean())
+        scores[f"style_sim_csd{part}_ci_low"], scores[f"style_sim_csd{part}_ci_high"] = metrics.percentile_interval(
+            per_image[resamples].mean(axis=1))
+    return scores
+
+
+def inception_scores(feats: np.ndarray, class_weight: np.ndarray | None, seed: int) -> dict:
+    """The Inception Score of a model's images, from their stored Inception features and the network's output
+    layer (metrics.inception_score: one split), with its interval over the same resamples as KID; NaN without the
+    real Inception (the toy backbone has no ImageNet classes)."""
+    if class_weight is None:
+        return dict.fromkeys(("inception_score", "inception_score_ci_low", "inception_score_ci_high"), float("nan"))
+    logits = feats.astype(np.float64) @ class_weight.T
+    low, high = metrics.percentile_interval(
+        metrics.inception_score_bootstrap(logits, metrics.bootstrap_indices(len(feats), seed)))
+    return {"inception_score": metrics.inception_score(logits), "inception_score_ci_low": low,
+            "inception_score_ci_high": high}
+
+
 def feature_rows(run_id: str, run_dir: Path, style: str, method: str, paths: list[str],
                  prompt_indices: list[int | None], seeds: list[int | None], backbone: str,
                  features: np.ndarray) -> list[dict]:
@@ -204,21 +345,28 @@ def feature_rows(run_id: str, run_dir: Path, style: str, method: str, paths: lis
 
 
 def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id: str,
-                  run_dir: Path) -> tuple[list[dict], list[dict]]:
+                  run_dir: Path, csd=None) -> tuple[list[dict], list[dict]]:
     """Embed every image once per backbone and score each (style, model) entry, plus a noise floor per style.
 
     A style's base entry comes before its models (as `plan_samples` orders them): their KID change against
-    it is scored when they share its (prompt, seed) pairs, else left NaN.
+    it is scored when they share its (prompt, seed) pairs, else left NaN. `csd`: the CSD embedder, or None
+    (backbones.load_csd found no weights): its columns are NaN then, its backbone CSD_NOT_AVAILABLE.
 
     Returns the score rows and the per-image feature rows (the content of features.parquet).
     """
+    from style_factory.backbones import CSD_NOT_AVAILABLE
+
+    loaded = [b for b in (inception, clip, dino, csd) if b is not None]
     backbone_names = {"inception_backbone": inception.info.name, "clip_backbone": clip.info.name,
                       "dino_backbone": dino.info.name,
+                      "csd_backbone": csd.info.name if csd is not None else CSD_NOT_AVAILABLE,
                       "backbones_real": inception.info.real and clip.info.real and dino.info.real,
-                      "backbone_sha256": json.dumps({b.info.name: b.info.sha256 for b in (inception, clip, dino)})}
+                      "backbone_sha256": json.dumps({b.info.name: b.info.sha256 for b in loaded})}
+    csd_embeddings: dict[tuple[str, str], np.ndarray] = {}  # (style, method or "ref"/"heldout") -> CSD embeddings
     references: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     heldout: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     base_images: dict[str, tuple[list, np.ndarray]] = {}  # style -> its base's (prompt, seed) pairs, features
+    subjects: dict[tuple[str, str], tuple] = {}  # (style, subject) -> the subject images' features
     rows, features = [], []
 
     def embed(style: str, method: str, paths: list[str], prompt_indices: list, seeds: list):
@@ -229,6 +377,8 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
         embedded = {inception.info.name: feats, clip.info.name: gen_clip}
         if dino.info.name not in embedded:  # the toy fallback is the same network as the toy Inception slot
             embedded[dino.info.name] = stored_features(dino.embed(images))
+        if csd is not None:
+            embedded[csd.info.name] = csd_embeddings[style, method] = stored_features(csd.embed_images(images))
         for backbone, values in embedded.items():
             features.extend(feature_rows(run_id, run_dir, style, method, paths, prompt_indices, seeds,
                                          backbone, values))
@@ -240,13 +390,23 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
             if style not in references:
                 no_index = [None] * len(entry["reference"])
                 references[style] = embed(style, "ref", entry["reference"], no_index, no_index)
-                rows.append(noise_floor_row(style, *references[style], seed, backbone_names))
+                rows.append(noise_floor_row(style, *references[style], seed, backbone_names,
+                                            csd_embeddings.get((style, "ref"))))
             if style not in heldout:
                 no_index = [None] * len(entry["heldout"])
                 heldout[style] = embed(style, "heldout", entry["heldout"], no_index, no_index)
             ref_feats, ref_clip, _ = references[style]
             feats, gen_clip, gen_dino = embed(style, method, entry["images"], entry["prompt_indices"],
                                               entry["seeds"])
+            composition = {"subject": "", "gamma": float("nan"), **dict.fromkeys(CONTENT_COLUMNS, float("nan"))}
+            if "subject" in entry:  # stored with the style, as its own StyleRef images are
+                key = (style, entry["subject"])
+                if key not in subjects:
+                    no_index = [None] * len(entry["subject_images"])
+                    subjects[key] = embed(style, f"subject-{entry['subject']}", entry["subject_images"], no_index,
+                                          no_index)
+                composition = {"subject": entry["subject"], "gamma": entry["gamma"],
+                               **content_scores(gen_clip, gen_dino, *subjects[key][1:], seed)}
             text_emb = clip.embed_texts(entry["texts"])
             scores = image_scores(feats, gen_clip, gen_dino, entry["seeds"], text_emb, ref_feats, ref_clip, seed)
             pairs = list(zip(entry["prompt_indices"], entry["seeds"]))
@@ -257,6 +417,9 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
                 change = kid_change_scores(feats, base_images[style][1], ref_feats, seed)
             rows.append({"style": style, "method": method, "n_images": len(feats), "n_reference": len(ref_feats),
                          **scores, **change, **heldout_scores(feats, gen_clip, *heldout[style][:2], seed),
+                         **csd_scores(csd_embeddings.get((style, method)), csd_embeddings.get((style, "ref")),
+                                      csd_embeddings.get((style, "heldout")), seed),
+                         **inception_scores(feats, inception.class_weight, seed), **composition,
                          **backbone_names})
         except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
             rows.append({"style": style, "method": method, "error": f"{type(err).__name__}: {err}"})
@@ -264,9 +427,10 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
 
 
 def noise_floor_row(style: str, ref_feats: np.ndarray, ref_clip: np.ndarray, ref_dino: np.ndarray, seed: int,
-                    backbone_names: dict) -> dict:
+                    backbone_names: dict, ref_csd: np.ndarray | None) -> dict:
     """The StyleRef set scored against itself, split even/odd: what "as good as the references" looks like.
-    Its style consistency is that of one half, taken as one set."""
+    Its style consistency is that of one half, taken as one set; its CSD style similarity that of one half to the
+    other (NaN without CSD)."""
     half_a, half_b = slice(0, None, 2), slice(1, None, 2)
     try:
         one_set = [0] * len(ref_feats[half_a])
@@ -274,8 +438,9 @@ def noise_floor_row(style: str, ref_feats: np.ndarray, ref_clip: np.ndarray, ref
                               ref_feats[half_b], ref_clip[half_b], seed)
     except ValueError as err:  # e.g. too few StyleRef images for two halves of two
         return {"style": style, "method": NOISE_FLOOR, "error": f"{type(err).__name__}: {err}"}
+    halves = (None, None) if ref_csd is None else (ref_csd[half_a], ref_csd[half_b])
     return {"style": style, "method": NOISE_FLOOR, "n_images": len(ref_feats[half_a]),
-            "n_reference": len(ref_feats[half_b]), **scores, **backbone_names}
+            "n_reference": len(ref_feats[half_b]), **scores, **csd_scores(*halves, None, seed), **backbone_names}
 
 
 @ray.remote(num_cpus=1)
@@ -284,13 +449,14 @@ def score_models(entries: list[dict], evaluate_cfg: dict, models_dir: str | None
     """Load the backbones once and score every (style, model) entry: see score_entries."""
     import torch
 
-    from style_factory.backbones import load_clip, load_dino, load_inception
+    from style_factory.backbones import load_clip, load_csd, load_dino, load_inception
 
     torch.set_num_threads(1)
     inception = load_inception(evaluate_cfg["inception"], models_dir)
     clip = load_clip(evaluate_cfg["clip"], models_dir)
     dino = load_dino(evaluate_cfg["dino"], models_dir)
-    return score_entries(entries, inception, clip, dino, evaluate_cfg["kid_seed"], run_id, Path(run_dir))
+    csd = load_csd(evaluate_cfg["csd"], models_dir)
+    return score_entries(entries, inception, clip, dino, evaluate_cfg["kid_seed"], run_id, Path(run_dir), csd)
 
 
 def expected_images(jobs: list[SampleJob]) -> dict[str, tuple[int, int]]:
@@ -305,16 +471,19 @@ def expected_images(jobs: list[SampleJob]) -> dict[str, tuple[int, int]]:
     return parts
 
 
-def record_metrics_in_card(model_dir: Path, row: dict) -> None:
-    """The model card travels with the model: it carries the latest evaluation of it."""
-    card_path = model_dir / MODEL_CARD
+def record_metrics_in_card(job: SampleJob, row: dict) -> None:
+    """The model card travels with the model: it carries the latest evaluation of it. An extracted LoRA's folder has
+    no card: its figures go into its fine-tune's card, in `extracted_lora` beside the extraction's error."""
+    card_path = Path(job.extracted_from or job.model_dir) / MODEL_CARD
     card = read_json(card_path)
-    card["metrics"] = {k: row[k] for k in (
+    (card["extracted_lora"] if job.extracted_from else card)["metrics"] = {k: row[k] for k in (
         "run_id", "n_images", "n_reference", "fid", "kid", "kid_std", "kid_ci_low", "kid_ci_high",
         "kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high",
         "clip_t", "clip_t_ci_low", "clip_t_ci_high", "style_sim", "style_sim_ci_low", "style_sim_ci_high",
         "style_consistency", "style_consistency_ci_low", "style_consistency_ci_high",
-        "inception_backbone", "clip_backbone", "dino_backbone", "backbones_real")}
+        "style_sim_csd", "style_sim_csd_ci_low", "style_sim_csd_ci_high",
+        "inception_score", "inception_score_ci_low", "inception_score_ci_high",
+        "inception_backbone", "clip_backbone", "dino_backbone", "csd_backbone", "backbones_real")}
     write_json_atomic(card_path, card)
 
 
@@ -341,12 +510,12 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
                 references[job.style] = reference_images(run, job.style)
                 heldout[job.style] = reference_images(run, job.style, "heldout")
         pairs = [(i, seed) for i in range(len(contents)) for seed in job.seeds]
-        entries.append({"style": job.style, "method": job.method,
+        entries.append({"style": job.style, "method": Path(job.out_dir).name,  # the model's name
                         "images": [str(Path(job.out_dir) / sample_name(i, seed)) for i, seed in pairs],
                         "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
                         "texts": [contents[i] for i, _ in pairs], "reference": references[job.style],
-                        "heldout": heldout[job.style]})
-        by_key[(job.style, job.method)] = job
+                        "heldout": heldout[job.style], **composition_entry(run, job)})
+        by_key[(job.style, Path(job.out_dir).name)] = job
     if not entries:
         return None
     with run.timed("score"):  # a Ray task: its start-up, the backbones' load, every image's features, the metrics
@@ -370,24 +539,25 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
                 "model_dir": "",
             })
             continue
-        job = by_key[(score["style"], score["method"])]
+        job, name = by_key[(score["style"], score["method"])], score["method"]
         if "error" in score:
-            run.record(job.style, f"evaluate:{job.method}", score["error"])
+            run.record(job.style, f"evaluate:{name}", score["error"])
             continue
+        card = read_json(Path(job.extracted_from or job.model_dir) / MODEL_CARD) if job.model_dir else None
         rows.append({
-            **score, **run_fields, "display_name": style.config.display_name,
+            **score, **run_fields, **model_columns(card), "method": name if job.content_dir else job.method,
+            "display_name": style.config.display_name,
             "tokens": "" if job.method == BASE_METHOD else " ".join(style.config.tokens),
             "prompt": job.prompts[0], "seeds": list(job.seeds),
             "samples_dir": str(Path(job.out_dir).relative_to(run.dir)),
             "model_dir": str(Path(job.model_dir).relative_to(run.dir)) if job.model_dir else "",
         })
-        run.record(job.style, f"evaluate:{job.method}", "ok")
+        run.record(job.style, f"evaluate:{name}", "ok")
         if run.config.train.report_to:
-            card = read_json(Path(job.model_dir) / MODEL_CARD) if job.model_dir else None
-            log_evaluation(run.tensorboard_dir(job.style, job.method), f"{job.style}/{job.method}",
+            log_evaluation(run.tensorboard_dir(job.style, name), f"{job.style}/{name}",
                            run.config.train.report_to, rows[-1], (card or {}).get("steps", 0))
-        if job.model_dir:
-            record_metrics_in_card(Path(job.model_dir), rows[-1])
+        if job.model_dir and not job.content_dir:  # a composition's figures are not its style model's
+            record_metrics_in_card(job, rows[-1])
     write_style_scores(run, rows, features, by_key)
     table, features_table = assemble_scores(run)
     if table is None or all(method == NOISE_FLOOR for method in table.column("method").to_pylist()):
@@ -409,13 +579,32 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
     return path
 
 
+def model_columns(card: dict | None) -> dict:
+    """A model's columns beyond RESULTS_SCHEMA, from its card: the step its weights are from, and what tells it
+    from its method's other models (`train_seed`, a sweep's `sweep.<setting>`); null for the base."""
+    if card is None:
+        return {STEP_COLUMN: None}
+    return {STEP_COLUMN: card["steps"] if METHODS[card["method"]].trains else None, **card.get("columns", {})}
+
+
+def results_table(rows: list[dict]) -> pa.Table:
+    """Rows as RESULTS_SCHEMA types them, then the model columns they carry (`model_columns`): `step` first."""
+    table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+    extra = sorted({c for row in rows for c in row} - set(RESULTS_SCHEMA.names) - {"error"},
+                   key=lambda c: (c != STEP_COLUMN, c))
+    for column in extra:
+        values = [row.get(column) for row in rows]
+        table = table.append_column(column, pa.array(values, type=pa.int64() if column == STEP_COLUMN else None))
+    return table
+
+
 def write_style_scores(run: Run, rows: list[dict], features: list[dict],
                        jobs: dict[tuple[str, str], SampleJob]) -> None:
     """Each scored style's rows and features in `scores/<style>.parquet` and `scores/<style>.features.parquet`,
     with the keys of the samples they were scored on: a later command narrowed to other styles keeps them."""
     for style in dict.fromkeys(row["style"] for row in rows):
-        keys = {method: job.key for (name, method), job in jobs.items() if name == style}
-        table = pa.Table.from_pylist([r for r in rows if r["style"] == style], schema=RESULTS_SCHEMA)
+        keys = {name: job.key for (style_name, name), job in jobs.items() if style_name == style}
+        table = results_table([r for r in rows if r["style"] == style])
         write_parquet_atomic(table.replace_schema_metadata({"sample_keys": json.dumps(keys)}),
                              run.dir / SCORES_DIR / f"{style}.parquet")
         write_parquet_atomic(pa.Table.from_pylist([f for f in features if f["style"] == style],
@@ -449,4 +638,4 @@ def assemble_scores(run: Run) -> tuple[pa.Table | None, pa.Table | None]:
         features.append(style_features.replace_schema_metadata(None))
     if not tables:
         return None, None
-    return pa.concat_tables(tables), pa.concat_tables(features)
+    return pa.concat_tables(tables, promote_options="default"), pa.concat_tables(features)

@@ -30,7 +30,7 @@ def write_model(job: TrainJob, method: Method, write: Callable[[Path], None], **
     """Write the model folder with `write`, plus its card (the key and `facts`); it appears whole or not at all."""
     style = StyleConfig.model_validate(job.style_config)
     card = {"key": job.key, "style": job.style, "method": job.method, "family": job.family,
-            "base_model": job.base_model, "tokens": style.tokens, **facts, "train": job.train,
+            "base_model": job.base_model, "tokens": style.tokens, **facts, "train": job.train, "columns": job.columns,
             "data": {"file": Path(job.curated_path).name, "key": job.data_key},
             "prompt_template": method.eval_prompt("<content>", style)}  # how to prompt it: content in <content>
     Path(job.model_dir).parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ import torch
 
 from style_factory.families import get_family
 from style_factory.files import replace_dir_atomic
+from style_factory.lora import load_adapter
 from style_factory.methods import get_method
+from style_factory.methods.content import load_composition
 from style_factory.progress import report
 from style_factory.sampling import SampleJob, batch_size_for, draws, in_batches, sample_draws, sample_name, seal_samples
 
@@ -72,10 +74,17 @@ TOY_PROMPTS = [
 
 
 def load_sampling_pipeline(job: SampleJob, device: str):
-    """The job's model ready to sample: the untuned base, or what its method exported, on its family's pipeline."""
+    """The job's model ready to sample: the untuned base, what its method exported, a LoRA extracted from a full
+    fine-tune, or a composition of two adapters, on its family's pipeline."""
     family = get_family(job.family)
+    if job.content_dir:  # a composition: the style's StyleDrop adapter (model_dir) beside a content adapter
+        return load_composition(family, job.base_model, job.model_dir, job.content_dir, job.gamma, device)
     if not job.model_dir:  # the untuned base: nothing to load on top of it
         return family.load_pipeline(job.base_model, device)
+    if job.extracted_from:  # the base with the LoRA file alone, as a user loads it
+        pipe = family.load_pipeline(job.base_model, device)
+        load_adapter(pipe, job.model_dir)
+        return pipe
     return get_method(job.method).load_for_sampling(family, job.base_model, job.model_dir, device)
 
 
@@ -127,7 +136,7 @@ def generate_all(jobs: list[SampleJob], gpus_per_task: float = 0,
                  batch_size: int | str = "auto") -> dict[tuple[str, str], str]:
     """Sample every job not already done as one Ray Data pass on a pool of `Sampler` actors (one per CPU, or per
     `gpus_per_task` share of the GPUs), a row per batch of `batch_size` images (evaluate.batch_size) of one model,
-    across its prompts and seeds; returns {(style, method): error} for the models that failed. Images already made
+    across its prompts and seeds; returns {(style, model name): error} for the models that failed. Images already made
     by an interrupted run of the same job are kept."""
     todo = [job for job in jobs if not job.is_done()]
     device = "cuda" if gpus_per_task else "cpu"
@@ -144,16 +153,18 @@ def generate_all(jobs: list[SampleJob], gpus_per_task: float = 0,
             actors, per_actor = int(resources.get("GPU", 0) // gpus_per_task), {"num_gpus": gpus_per_task}
         else:
             actors, per_actor = int(resources.get("CPU", 1)), {"num_cpus": 1}
-        results = ray.data.from_items([{"batch": i} for i in range(len(batches))]).map_batches(
+        # as many blocks as models, in order: an actor takes a block whole, so it loads each model about once
+        rows = ray.data.from_items([{"batch": i} for i in range(len(batches))], override_num_blocks=len(todo))
+        results = rows.map_batches(
             Sampler, fn_constructor_kwargs={"jobs": todo, "batches": batches, "device": device}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, len(batches)))), **per_actor,
         ).take_all()
         for row in results:
             if row["error"]:
                 job = todo[row["job"]]
-                failures.setdefault((job.style, job.method), row["error"])
+                failures.setdefault((job.style, Path(job.out_dir).name), row["error"])
     for job in todo:
-        if (job.style, job.method) in failures:
+        if (job.style, Path(job.out_dir).name) in failures:
             continue
         folder = partial_dir(job)
         seal_samples(folder, job)

@@ -1,9 +1,10 @@
 """Every model a run loads, found on this machine once, in the driver, before any compute.
 
 A run names models in these fields: `model.base` (a preset, a local diffusers folder or a hub id), `curate.captioner`
-(a hub id or a folder), and the metric backbones `evaluate.inception` / `clip` / `dino` and any method's `clip`
-option (StyleDrop's scorer), each "auto", "toy" or a weight file. `resolve_models` finds each locally, never asking
-the network:
+(a hub id or a folder), and the metric backbones `evaluate.inception` / `clip` / `dino` / `csd` and any method's
+`clip` option (StyleDrop's scorer), each "auto", "toy" (CSD: "off") or a weight file, and the method options that
+name a model (StyleAligned's `controlnet` and `depth_model`: a hub id or a folder). `resolve_models` finds each
+locally, never asking the network:
 - a hub id in `<model.models_dir>/<org>/<name>` (a copied folder), then in `model.models_dir` laid out as a Hugging
   Face cache, then in the Hugging Face cache (HF_HOME / HF_HUB_CACHE), with `local_files_only`;
 - a diffusers folder, given or found, is checked for every file its family loads; a captioner's folder for its config
@@ -24,7 +25,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import validate_repo_id
 
-from style_factory.config import ConfigError, RunConfig, Style
+from style_factory.config import ConfigError, ConfigPath, RunConfig, Style
 from style_factory.families import FAMILIES, Family, get_family
 from style_factory.methods import METHODS
 from style_factory.models import PRESETS, detect_family
@@ -36,7 +37,8 @@ WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transforme
 BASE_DOWNLOAD_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.pb", "*.h5", "*fp16*",
                         "*non_ema*"]
 CAPTIONER_DOWNLOAD_IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "tf_model*", "flax_model*"]
-BACKBONE_FIELDS = {"evaluate.inception": "inception", "evaluate.clip": "clip", "evaluate.dino": "dino"}
+BACKBONE_FIELDS = {"evaluate.inception": "inception", "evaluate.clip": "clip", "evaluate.dino": "dino",
+                   "evaluate.csd": "csd"}
 HOW_TO_STAGE = """What to do (docs/troubleshooting.md, "Running without network, and how to stage models"):
   - on a machine with network, `hf download <id>`, then copy its folder <cache>/models--<org>--<name> into this
     machine's Hugging Face cache (HF_HOME, default ~/.cache/huggingface; hub/ below it), or point HF_HOME there;
@@ -44,7 +46,8 @@ HOW_TO_STAGE = """What to do (docs/troubleshooting.md, "Running without network,
     node mounts), or give the folder itself as the field's value;
   - or, where the network is reachable, set model.allow_downloads: true: the driver downloads each model once,
     before any worker starts;
-  - a backbone file: fix the path, copy the file there, or use auto / toy (`make fetch-weights` fetches real ones)."""
+  - a backbone file: fix the path, copy the file there, or use auto / toy (CSD: off; `make fetch-weights` fetches
+    real ones)."""
 
 
 @dataclass
@@ -169,7 +172,25 @@ def backbone_specs(config: RunConfig, styles: list[Style]) -> dict[tuple[str, st
             options = METHODS[method](style.config).options(style.train_config(config, method))
             if (spec := getattr(options, "clip", None)) is not None:
                 specs.setdefault(("clip", spec), f"train.method_options.{method}.clip (style {style.name})")
-    return {key: name for key, name in specs.items() if key[1] not in ("auto", "toy")}
+    return {key: name for key, name in specs.items() if key[1] not in ("auto", "toy", "off")}
+
+
+def model_options(config: RunConfig, styles: list[Style]) -> dict[tuple[str, str, str], list[dict]]:
+    """(method, option, value) -> the option dicts that set it, for every method option marked as a model
+    (`ConfigPath(model=True)`: StyleAligned's controlnet and depth_model) that the run's styles use."""
+    found: dict[tuple[str, str, str], list[dict]] = {}
+    for style in styles:
+        for method in style.methods(config):
+            options = METHODS[method](style.config).options(style.train_config(config, method))
+            for name, info in type(options).model_fields.items():
+                value = getattr(options, name)
+                if value is None or not any(isinstance(m, ConfigPath) and m.model for m in info.metadata):
+                    continue
+                sources = [config.train.method_options, style.config.train.get("method_options", {})]
+                where = found.setdefault((method, name, value), [])
+                where += [s[method] for s in sources if s.get(method, {}).get(name) == value
+                          and not any(s[method] is w for w in where)]
+    return found
 
 
 def resolve_models(config: RunConfig, styles: list[Style], source: str) -> dict[str, str]:
@@ -190,6 +211,12 @@ def resolve_models(config: RunConfig, styles: list[Style], source: str) -> dict[
                                  CAPTIONER_DOWNLOAD_IGNORE, None)
         found["curate.captioner"] = str(folder)
         missing += [problem] if problem else []
+    for (method, name, value), where in model_options(config, styles).items():
+        folder, problem = locate(f"train.method_options.{method}.{name}", value, config, captioner_missing_files,
+                                 CAPTIONER_DOWNLOAD_IGNORE, None)
+        missing += [problem] if problem else []
+        for options in where if folder is not None else []:  # workers are handed the local folder
+            options[name] = str(folder)
     if specs := backbone_specs(config, styles):
         # torch, timm and open_clip, imported only when a file is named
         from style_factory.backbones import named_weight_file

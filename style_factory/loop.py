@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from style_factory.config import TrainConfig
-from style_factory.data import ImageGeometry, StyleData
+from style_factory.data import ImageGeometry, StyleData, pixel_tensor
 from style_factory.families.base import Components, unwrapped
 from style_factory.files import code_version, move_aside, read_json, sha256_of
 from style_factory.methods.base import Batch, Method
@@ -37,34 +38,39 @@ def grayscale(pixels: torch.Tensor) -> torch.Tensor:
 VIEW_OPS = {"hflip": lambda pixels: pixels.flip(-1), "grayscale": grayscale}
 
 
-def encode_latent_cache(vae, pixels: torch.Tensor, views: list[tuple[str, ...]],
-                        batch_size: int = 32) -> torch.Tensor:
+def encode_latent_cache(vae, images: list[np.ndarray], views: list[tuple[str, ...]],
+                        batch_size: int = 32) -> list[torch.Tensor]:
     """Mean and std of the VAE posterior per image and view (ops of VIEW_OPS, applied in order; () = as is):
-    the VAE never runs again while training.
+    the VAE never runs again while training. `images` are StyleData's uint8 images, encoded batch by batch among
+    those of one size (bucket), so no float copy of the whole set is ever made.
 
     Sampling mean + std * noise from this cache is distributed exactly like a fresh `encode().sample()`.
     The VAE runs in its own (float32) precision, never under autocast: SDXL's VAE overflows in float16.
-    Returns (len(views), N, 2, C, h, w).
+    Returns per image a (len(views), 2, C, h, w) tensor.
     """
-    cache = []
+    cache: list[torch.Tensor | None] = [None] * len(images)
+    shapes = [image.shape for image in images]
     with torch.no_grad():
-        for ops in views:
-            view = pixels
-            for op in ops:
-                view = VIEW_OPS[op](view)
-            parts = []
-            for start in range(0, len(view), batch_size):
-                dist = vae.encode(view[start:start + batch_size].to(vae.device, vae.dtype)).latent_dist
-                parts.append(torch.stack([dist.mean, dist.std], dim=1).float().cpu())
-            cache.append(torch.cat(parts))
-    cache = torch.stack(cache)
-    if not torch.isfinite(cache).all():
-        raise FloatingPointError(f"the VAE ({vae.dtype}) encoded the images to non-finite latents; load it in float32 "
-                                 "(SDXL's VAE overflows in float16)")
+        for shape in dict.fromkeys(shapes):
+            rows = [i for i, other in enumerate(shapes) if other == shape]
+            for start in range(0, len(rows), batch_size):
+                part = rows[start:start + batch_size]
+                pixels, encoded = pixel_tensor([images[i] for i in part]), []
+                for ops in views:
+                    view = pixels
+                    for op in ops:
+                        view = VIEW_OPS[op](view)
+                    dist = vae.encode(view.to(vae.device, vae.dtype)).latent_dist
+                    encoded.append(torch.stack([dist.mean, dist.std], dim=1).float().cpu())
+                for i, latent in zip(part, torch.stack(encoded, dim=1)):
+                    if not torch.isfinite(latent).all():
+                        raise FloatingPointError(f"the VAE ({vae.dtype}) encoded the images to non-finite latents; "
+                                                 "load it in float32 (SDXL's VAE overflows in float16)")
+                    cache[i] = latent
     return cache
 
 
-def stored_latent_cache(job: TrainJob, vae, data: StyleData, views: list[tuple[str, ...]]) -> torch.Tensor:
+def stored_latent_cache(job: TrainJob, vae, data: StyleData, views: list[tuple[str, ...]]) -> list[torch.Tensor]:
     """encode_latent_cache's result, stored beside the curated data once per (curated data, class images, base
     model, views): the style's other methods, its later rounds and every rerun load it instead of encoding.
     `<run>/curated/<style>.latents/<key>.safetensors`; written whole or not at all, so concurrent jobs at worst
@@ -72,23 +78,25 @@ def stored_latent_cache(job: TrainJob, vae, data: StyleData, views: list[tuple[s
     key = sha256_of(job.data_key, Path(job.curated_path).stat().st_mtime_ns, job.prior_dirs,
                     base_model_identity(job.base_model), views, code_version("style_factory.loop"))[:16]
     path = Path(job.curated_path).with_suffix(".latents") / f"{key}.safetensors"
-    expected = (len(views), len(data.pixels))
+    expected = (len(data.images), len(views))
     if path.is_file():
         try:
-            cache = load_file(path)["latents"]
-            if tuple(cache.shape[:2]) == expected:
+            stored = load_file(path)
+            cache = [stored[str(i)] for i in range(len(stored))]
+            found = (len(cache), {len(latent) for latent in cache})
+            if found == (expected[0], {expected[1]}):
                 return cache
-            problem = f"holds {tuple(cache.shape[:2])} views x images, not {expected}"
+            problem = f"holds {found[0]} images x {sorted(found[1])} views, not {expected[0]} x {expected[1]}"
         except (SafetensorError, OSError, KeyError) as err:
             problem = f"cannot be read ({type(err).__name__}: {err})"
         aside = move_aside(path)
         print(f"[train] {job.style}/{job.method}: latent cache {path} {problem}; moved to {aside.name}, encoding "
               "again", flush=True)
-    cache = encode_latent_cache(vae, data.pixels, views)
+    cache = encode_latent_cache(vae, data.images, views)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({"latents": cache.contiguous()}, tmp)
+        save_file({str(i): latent.contiguous() for i, latent in enumerate(cache)}, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written cache behind
@@ -96,9 +104,10 @@ def stored_latent_cache(job: TrainJob, vae, data: StyleData, views: list[tuple[s
     return cache
 
 
-def sample_latents(cache: torch.Tensor, rows: np.ndarray, views: np.ndarray, scaling: float,
+def sample_latents(cache: list[torch.Tensor], rows: np.ndarray, views: np.ndarray, scaling: float,
                    generator: torch.Generator) -> torch.Tensor:
-    picked = cache[torch.as_tensor(views.astype(np.int64)), torch.as_tensor(rows)]
+    """Latents of `rows` (images of one size) in their `views`, drawn from the cached posteriors."""
+    picked = torch.stack([cache[int(row)][int(view)] for row, view in zip(rows, views)])
     mean, std = picked[:, 0], picked[:, 1]
     return (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
 
@@ -131,16 +140,28 @@ def denoising_loss(models: Components, method: Method, latents: torch.Tensor, co
     return (per_sample * weights.to(per_sample.device)).sum()
 
 
-def training_step(models: Components, method: Method, batch: Batch, cache: torch.Tensor, cfg: TrainConfig,
+def size_groups(cache: list[torch.Tensor], rows: np.ndarray) -> list[np.ndarray]:
+    """Positions in `rows` of the images of each latent size, in order of first appearance: one group, unless a
+    batch's part has no image in the step's bucket (`StyleData.indices`) and so came from another."""
+    shapes = [tuple(cache[int(row)].shape[-2:]) for row in rows]
+    return [np.flatnonzero([other == shape for other in shapes]) for shape in dict.fromkeys(shapes)]
+
+
+def training_step(models: Components, method: Method, batch: Batch, cache: list[torch.Tensor], cfg: TrainConfig,
                   generator: torch.Generator, views: np.ndarray, device: torch.device,
                   geometry: ImageGeometry) -> dict[str, torch.Tensor]:
-    latents = sample_latents(cache, batch.rows, views, models.vae.config.scaling_factor, generator).to(device)
+    """The batch's losses; its denoising loss is computed per image size (one UNet call when it is one bucket)."""
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
+    denoising = []
     with autocast:
-        conditioning = models.family.encode_prompts(models, batch.prompts, device)
-        losses = {"denoising": denoising_loss(models, method, latents, conditioning, geometry, batch.weights, cfg,
-                                              generator)}
+        for group in size_groups(cache, batch.rows):
+            latents = sample_latents(cache, batch.rows[group], views[group], models.vae.config.scaling_factor,
+                                     generator).to(device)
+            conditioning = models.family.encode_prompts(models, [batch.prompts[i] for i in group], device)
+            denoising.append(denoising_loss(models, method, latents, conditioning, geometry.take(group),
+                                            batch.weights[group], cfg, generator))
+        losses = {"denoising": sum(denoising[1:], denoising[0])}
         losses.update(method.extra_losses(models, batch))
     return losses
 
@@ -151,7 +172,41 @@ def step_generator(seed: int, step: int, rank: int) -> tuple[np.random.Generator
     return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
-def optimisation_step(models: Components, method: Method, data: StyleData, cache: torch.Tensor,
+CAPTION_DROPOUT_STREAM = 1  # caption dropout draws from its own generator: on or off, the rest draws the same
+
+
+def in_one_bucket(data: StyleData, rng: np.random.Generator) -> StyleData:
+    """`data` restricted to the bucket of a StyleRef image drawn at random (so buckets come up in proportion to their
+    StyleRef images, and every image is drawn); as it is, with no draw, when all StyleRef images share one size."""
+    sizes = data.sizes[data.indices("ref")]
+    if len(np.unique(sizes, axis=0)) < 2:
+        return data
+    return replace(data, bucket=tuple(int(side) for side in sizes[rng.integers(len(sizes))]))
+
+
+def drop_captions(data: StyleData, cfg: TrainConfig, step: int, rank: int) -> tuple[StyleData, np.ndarray]:
+    """With probability cfg.caption_dropout per StyleRef and Aux image, its caption left out of this step's prompt
+    (the method's style words stay: "zwx style"), drawn from a generator of (seed, step, rank); and which rows."""
+    if cfg.caption_dropout == 0:
+        return data, np.zeros(len(data.captions), bool)
+    draws = np.random.default_rng([cfg.seed, step, rank, CAPTION_DROPOUT_STREAM]).random(len(data.captions))
+    dropped = (draws < cfg.caption_dropout) & np.isin(data.roles, ["ref", "aux"])
+    return replace(data, captions=["" if drop else text for text, drop in zip(data.captions, dropped)]), dropped
+
+
+def draw_batch(method: Method, data: StyleData, cfg: TrainConfig, step: int, rank: int,
+               rng: np.random.Generator) -> Batch:
+    """The method's batch for this step, from one bucket, with caption dropout applied; views set when the method
+    leaves them to the loop (a random mirror image when enabled)."""
+    data, dropped = drop_captions(in_one_bucket(data, rng), cfg, step, rank)
+    batch = method.sample_batch(data, cfg, rng)
+    batch.prompts = [prompt.lstrip(" ,") if dropped[row] else prompt for row, prompt in zip(batch.rows, batch.prompts)]
+    if batch.views is None:
+        batch.views = rng.random(len(batch.rows)) < 0.5 if cfg.random_flip else np.zeros(len(batch.rows), bool)
+    return batch
+
+
+def optimisation_step(models: Components, method: Method, data: StyleData, cache: list[torch.Tensor],
                       optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, rank: int,
                       device: torch.device, record: dict | None = None) -> float:
     """One step of the shared loop: draw a batch, compute its losses, update the trainable weights.
@@ -159,9 +214,7 @@ def optimisation_step(models: Components, method: Method, data: StyleData, cache
     `record`, when given, receives what the step computed anyway, for the trackers: each loss term (`losses`), the
     gradient norm before clipping, each parameter group's learning rate (`lrs`) and the batch's image count."""
     rng, generator = step_generator(cfg.seed, step, rank)
-    batch = method.sample_batch(data, cfg, rng)
-    if batch.views is None:  # the method leaves the view to the loop: a random mirror image when enabled
-        batch.views = rng.random(len(batch.rows)) < 0.5 if cfg.random_flip else np.zeros(len(batch.rows), bool)
+    batch = draw_batch(method, data, cfg, step, rank, rng)
     terms = training_step(models, method, batch, cache, cfg, generator, batch.views, device,
                           data.geometry(batch.rows))
     loss = sum(terms.values())

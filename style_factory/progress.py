@@ -19,7 +19,8 @@ import ray
 
 ACTOR_NAME = "style-factory-progress"  # one per Ray job (named actors live in the job's namespace)
 # task -> (what its counts are, what its parts are where a person counts them too)
-TASKS = {"curate": ("images decoded", None), "train": ("steps trained", "models"), "sample": ("images sampled", None)}
+TASKS = {"curate": ("images decoded", None), "caption": ("images captioned", None),
+         "train": ("steps trained", "models"), "sample": ("images sampled", None)}
 REPORT_SECONDS = 1.0  # a training loop reports at most this often (and always its last step)
 POLL_SECONDS = 0.5  # how often the view reads the counter (and redraws the bars)
 PLAIN_SECONDS = 30.0  # a plain line per task at most this often, and at each milestone (a model or task finished)

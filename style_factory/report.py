@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # renders without a display (cluster nodes, CI)
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from style_factory.files import make_temp_dir, replace_dir_atomic, write_text_atomic
+from style_factory.files import make_temp_dir, read_json, replace_dir_atomic, write_text_atomic
 
 BASE_METHOD = "base"  # the untuned base model's rows
 NOISE_FLOOR = "noise-floor"  # StyleRef split-half row: a reference point, not a model
@@ -53,6 +53,19 @@ METRICS = (
     Metric("style_sim", "Style sim.", higher_is_better=True, scale=1.0, decimals=3),
     Metric("style_consistency", "Consistency", higher_is_better=True, scale=1.0, decimals=3),
     Metric("kid_heldout", "KID held-out ×10³", higher_is_better=False, scale=1000.0, decimals=2),
+)
+# shown only where some model has a value: CSD and Inception Score need their real weights
+OPTIONAL_METRICS = (
+    Metric("style_sim_csd", "CSD style sim.", higher_is_better=True, scale=1.0, decimals=3),
+    Metric("inception_score", "IS", higher_is_better=True, scale=1.0, decimals=2),
+)
+# the columns that tell two models of one method apart, as the report labels them
+VARIANT_COLUMNS = {"train_seed": "seed", "step": "step"}
+COMPOSITION_STYLE_MODEL = "styledrop"  # the model whose adapter gives a composition its style, shown beside it
+# a composition's similarity to its subject's images (evaluate.content_scores)
+CONTENT_METRICS = (
+    Metric("content_clip_i", "CLIP-I to subject", higher_is_better=True, scale=1.0, decimals=3),
+    Metric("content_dino", "DINO to subject", higher_is_better=True, scale=1.0, decimals=3),
 )
 
 CSS = """
@@ -102,6 +115,8 @@ def write_report(run_dir: str | Path) -> Path:
     if results.empty:
         raise ValueError(f"{run_dir / 'results.parquet'} has no rows: nothing to report")
     results = order_rows(results)
+    results["model"] = model_labels(results)
+    composed, results = results[is_composition(results)], results[~is_composition(results)]
     prompts = json.loads((run_dir / "samples" / "prompts.json").read_text())
     best_path = run_dir / BEST_FILENAME
     best = pd.read_parquet(best_path) if best_path.is_file() else None
@@ -117,6 +132,7 @@ def write_report(run_dir: str | Path) -> Path:
         plot_alignment_scatter(results, colors, staging / "clip_t_vs_style_sim.png"),
         plot_kid_bars(results, colors, metrics[0], staging / "kid_by_style.png"),
         plot_loss_curves(run_dir, results, colors, staging / "loss.png"),
+        plot_metrics_by_step(results, colors, metrics, staging / "metrics_by_step.png"),
     ]
     plot_tags = [img_tag(relative_src(run_dir, assets_dir / path.name), path.stem, "plot")
                  for path in plots if path is not None]
@@ -137,6 +153,7 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Plots</h2>",
         '<div class="plots">' + "".join(plot_tags) + "</div>",
         protocol_html(results, prompts),
+        compositions_section(run_dir, composed, results, prompts, metrics),
         "<h2>Styles</h2>",
         "<ul>"
         + "".join(f'<li><a href="#{anchors[style]}">{esc(style)}</a></li>' for style in styles)
@@ -186,10 +203,32 @@ def kid_display(results: pd.DataFrame) -> tuple[float, str]:
 
 
 def display_metrics(results: pd.DataFrame) -> tuple[Metric, ...]:
-    """METRICS with the KIDs in the units `kid_display` chooses for this table; KID first."""
+    """METRICS with the KIDs in the units `kid_display` chooses for this table, KID first; then those of
+    OPTIONAL_METRICS some row has."""
     scale, unit = kid_display(results)
+    optional = tuple(m for m in OPTIONAL_METRICS if m.column in results and results[m.column].map(is_finite).any())
     return tuple(dataclasses.replace(m, scale=scale, label=m.label.replace("×10³", unit))
-                 if m.column.startswith("kid") else m for m in METRICS)
+                 if m.column.startswith("kid") else m for m in METRICS) + optional
+
+
+def model_labels(results: pd.DataFrame) -> pd.Series:
+    """Each row's model as a reader tells it apart: its method, then the sweep settings, training seed and step
+    wherever the run has more than one of them ("styleboost learning_rate=0.0002 seed=1338 step=2")."""
+    columns = {c: c[len("sweep."):] for c in results.columns if c.startswith("sweep.")}
+    columns.update({c: name for c, name in VARIANT_COLUMNS.items() if c in results})
+    varying = {c: name for c, name in columns.items() if results[c].dropna().nunique() > 1}
+
+    def label(row: pd.Series) -> str:
+        return " ".join([row["method"], *(f"{name}={plain(row[c])}" for c, name in varying.items()
+                                          if not pd.isna(row[c]))])
+
+    return results.apply(label, axis=1)
+
+
+def plain(value: object) -> object:
+    """A column's value as a person writes it: a whole float (an int column with nulls) as an int."""
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def kid_units_note(kid_metric: Metric) -> str:
@@ -332,12 +371,12 @@ def protocol_html(results: pd.DataFrame, prompts: list[dict]) -> str:
 
 def metrics_table(rows: pd.DataFrame, metrics: tuple[Metric, ...], style_anchors: dict[str, str] | None = None,
                   table_id: str = "") -> str:
-    """Metric table with one row per (style, method); the best value per style highlighted.
+    """Metric table with one row per (style, model); the best value per style highlighted.
 
     With `style_anchors` (style -> section id) it gets a Style column linking to each style's section.
     """
     show_style = style_anchors is not None
-    headers = (["Style"] if show_style else []) + ["Method"] + [m.label for m in metrics] + ["Images"]
+    headers = (["Style"] if show_style else []) + ["Model"] + [m.label for m in metrics] + ["Images"]
     best_by_style = {style: best_values(style_rows, metrics) for style, style_rows in rows.groupby("style", sort=False)}
 
     body = []
@@ -347,7 +386,7 @@ def metrics_table(rows: pd.DataFrame, metrics: tuple[Metric, ...], style_anchors
         cells = []
         if show_style:
             cells.append(f'<td><a href="#{style_anchors[row["style"]]}">{esc(row["style"])}</a></td>')
-        cells.append(f"<td>{esc(row['method'])}</td>")
+        cells.append(f"<td>{esc(row['model'])}</td>")
         for metric in metrics:
             is_best = metric.column in best and is_finite(row[metric.column]) and row[metric.column] == best[metric.column]
             css_class = "num best" if is_best else "num"
@@ -417,6 +456,44 @@ def learning_section(results: pd.DataFrame, kid_metric: Metric) -> str:
     )
 
 
+def is_composition(results: pd.DataFrame) -> pd.Series:
+    """The rows of evaluate.compose's compositions: shown in their own section, never candidates for the verdict."""
+    if "subject" not in results:
+        return pd.Series(False, index=results.index)
+    return results["subject"].fillna("").astype(str) != ""
+
+
+def compositions_section(run_dir: Path, composed: pd.DataFrame, results: pd.DataFrame, prompts: list[dict],
+                         metrics: tuple[Metric, ...]) -> str:
+    """Per style with compositions: the subject's images, then its StyleDrop model and each composition, figures
+    and samples side by side on the same prompts and seeds."""
+    if composed.empty:
+        return ""
+    shown = (*metrics[:1], *[m for m in metrics if m.column in ("clip_t", "style_sim")], *CONTENT_METRICS)
+    parts = ["<h2>Compositions</h2>",
+             '<p class="muted">StyleDrop\'s style + content sampling: the style\'s StyleDrop adapter and a subject\'s '
+             "content adapter, eps = (1 - gamma) eps_style + gamma eps_content. CLIP-I and DINO are each image's "
+             "mean cosine to the subject's images (higher: more of the subject); hover a cell for its 95% bootstrap "
+             "interval. Compositions are not candidates for the verdict.</p>"]
+    for style, rows in composed.groupby("style", sort=False):
+        own = results[(results["style"] == style) & (results["method"] == COMPOSITION_STYLE_MODEL)]
+        models = pd.concat([own, rows])
+        header = "".join(f"<th>{esc(m.label)}</th>" for m in shown)
+        body = "".join(
+            f"<tr><td><code>{esc(row['method'])}</code></td>"
+            + "".join(f'<td title="{esc(interval_title(row, m))}">{esc(format_metric(row, m))}</td>' for m in shown)
+            + "</tr>" for _, row in models.iterrows())
+        subject_refs = "".join(
+            f"<h3>Subject <code>{esc(subject)}</code></h3><div class=\"refs\">"
+            + "".join(img_tag(relative_src(run_dir, path), path.name, "thumb")
+                      for path in sorted((run_dir / "samples" / subject / "ref").glob("*.png"))) + "</div>"
+            for subject in pd.unique(rows["subject"]))
+        parts += [f"<h3>{esc(rows.iloc[0]['display_name'])} <code>{esc(style)}</code></h3>",
+                  f"<table><tr><th>model</th>{header}</tr>{body}</table>", subject_refs,
+                  sample_grid(run_dir, models, prompts)]
+    return "".join(parts)
+
+
 def style_section(run_dir: Path, style_rows: pd.DataFrame, prompts: list[dict], metrics: tuple[Metric, ...],
                   anchor: str) -> str:
     first = style_rows.iloc[0]
@@ -434,6 +511,7 @@ def style_section(run_dir: Path, style_rows: pd.DataFrame, prompts: list[dict], 
         f'<section id="{anchor}">'
         f"<h2>{esc(first['display_name'])} <code>{esc(first['style'])}</code></h2>"
         f"{metrics_table(style_rows, metrics)}"
+        f"{bucket_line(run_dir, first['style'])}"
         f"<h3>StyleRef images ({len(ref_paths)})</h3>"
         f'<div class="refs">{refs}</div>'
         "<h3>Samples</h3>"
@@ -441,8 +519,46 @@ def style_section(run_dir: Path, style_rows: pd.DataFrame, prompts: list[dict], 
         "the same seeds. Click an image for its full size. Prompts:</p>"
         f'<ul class="muted">{templates}</ul>'
         f"{sample_grid(run_dir, models, prompts)}"
+        f"{feedback_candidates(run_dir, first['style'])}"
         "</section>"
     )
+
+
+def feedback_candidates(run_dir: Path, style: str) -> str:
+    """Each StyleDrop model's round-1 candidates (style_factory/methods/styledrop.py), a row per feedback prompt, each
+    with its file name, the name `feedback_images` takes; those round 2 trained on are outlined."""
+    parts = []
+    for folder in sorted((run_dir / "models" / style).glob("*-round1/feedback/candidates")):
+        marker = read_json(folder / "samples.json") or {}
+        feedback = folder.parent
+        chosen = set((read_json(feedback / "selection.json") or {}).get("images", [])) | {
+            entry["selected"] for entry in (read_json(feedback / "scores.json") or {}).get("prompts", [])}
+        rows = []
+        for index, prompt in enumerate(marker.get("prompts", [])):
+            cells = []
+            for seed in marker.get("seeds", []):
+                path = folder / f"p{index:03d}_s{seed}.png"
+                src = relative_src(run_dir, path)
+                outline = ' style="outline: 3px solid #1a7f37"' if path.name in chosen else ""
+                cells.append(f'<td{outline}><a href="{esc(quote(src))}">{img_tag(src, path.name, "cell")}</a>'
+                             f"<br><code>{esc(path.name)}</code></td>")
+            rows.append(f'<tr><th class="prompt">{esc(prompt)}</th>{"".join(cells)}</tr>')
+        model = folder.parent.parent.name.removesuffix("-round1")
+        parts.append(f"<h3>StyleDrop round-1 candidates <code>{esc(model)}</code></h3>"
+                     '<p class="muted">Round 2 trains on the outlined ones. To choose them yourself, list names under '
+                     "<code>train.method_options.styledrop.feedback_images</code> with <code>feedback: human</code> "
+                     "(docs/methods.md).</p>"
+                     f'<table class="grid">{"".join(rows)}</table>')
+    return "".join(parts)
+
+
+def bucket_line(run_dir: Path, style: str) -> str:
+    """The curated images per size (aspect-ratio bucket), from curation's record; "" where it has none."""
+    buckets = (read_json(run_dir / "curated" / f"{style}.json") or {}).get("buckets")
+    if not buckets:
+        return ""
+    sizes = ", ".join(f"{esc(size)}: {int(n)}" for size, n in buckets.items())
+    return f'<p class="muted">Curated images per size (width x height, curate.buckets): {sizes}</p>'
 
 
 def sample_cell(run_dir: Path, samples_dir: str, prompt: dict, seed: int, method: str, css_class: str = "") -> str:
@@ -459,13 +575,13 @@ def sample_cell(run_dir: Path, samples_dir: str, prompt: dict, seed: int, method
 def sample_grid(run_dir: Path, models: pd.DataFrame, prompts: list[dict]) -> str:
     """Every model's samples side by side: a row per content prompt, a column per model and seed."""
     columns = [(row, [int(seed) for seed in row["seeds"]]) for _, row in models.iterrows()]
-    header = ("<tr><th></th>" + "".join(f'<th class="first-of-model" colspan="{len(seeds)}">{esc(row["method"])}</th>'
+    header = ("<tr><th></th>" + "".join(f'<th class="first-of-model" colspan="{len(seeds)}">{esc(row["model"])}</th>'
                                        for row, seeds in columns) + "</tr>"
               "<tr><th></th>" + "".join(f'<th{" class=first-of-model" if j == 0 else ""}>seed {seed}</th>'
                                        for _, seeds in columns for j, seed in enumerate(seeds)) + "</tr>")
     body = []
     for prompt in prompts:
-        cells = [sample_cell(run_dir, row["samples_dir"], prompt, seed, row["method"],
+        cells = [sample_cell(run_dir, row["samples_dir"], prompt, seed, row["model"],
                              "first-of-model" if j == 0 else "")
                  for row, seeds in columns for j, seed in enumerate(seeds)]
         body.append(f'<tr><th class="prompt">{esc(prompt["content"])}</th>' + "".join(cells) + "</tr>")
@@ -599,22 +715,23 @@ def plot_loss_curves(run_dir: Path, results: pd.DataFrame, colors: dict[str, tup
     """Training loss per style (one panel each), raw and smoothed, for the runs that left a log."""
     curves: dict[str, list[tuple[str, list[int], list[float]]]] = {}
     for _, row in results.iterrows():
-        log_path = run_dir / "logs" / row["style"] / row["method"] / "train_log.jsonl"
-        if log_path.is_file():
+        name = Path(row["model_dir"]).name  # the model's name: its method, sweep point and training seed
+        log_path = run_dir / "logs" / row["style"] / name / "train_log.jsonl"
+        if name and log_path.is_file():
             steps, losses = read_loss_log(log_path)
             if steps:
-                curves.setdefault(row["style"], []).append((row["method"], steps, losses))
+                curves.setdefault(row["style"], []).append((row["method"], name, steps, losses))
     if not curves:
         return None
     n_cols = min(3, len(curves))
     n_rows = math.ceil(len(curves) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.2 * n_rows), squeeze=False)
     for ax, (style, style_curves) in zip(axes.flat, curves.items()):
-        for method, steps, losses in style_curves:
+        for method, name, steps, losses in style_curves:
             # Diffusion losses are very noisy: a rolling mean shows the trend.
             smoothed = pd.Series(losses).rolling(max(1, len(losses) // 20), min_periods=1).mean()
             ax.plot(steps, losses, color=colors[method], alpha=0.25, linewidth=0.8)
-            ax.plot(steps, smoothed, color=colors[method], label=method)
+            ax.plot(steps, smoothed, color=colors[method], label=name)
         ax.set_title(style)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -622,6 +739,39 @@ def plot_loss_curves(run_dir: Path, results: pd.DataFrame, colors: dict[str, tup
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(curves):]:
         ax.set_visible(False)
+    return save_figure(fig, path)
+
+
+def plot_metrics_by_step(results: pd.DataFrame, colors: dict[str, tuple], metrics: tuple[Metric, ...],
+                         path: Path) -> Path | None:
+    """Each metric against the training step (evaluate.checkpoints), a row of panels per style, a line per model
+    configuration (its method and sweep settings) averaged over its training seeds; None when no model was scored
+    at more than one step."""
+    if "step" not in results:
+        return None
+    models = results[results["step"].notna()]
+    settings = [c for c in models.columns if c.startswith("sweep.")]
+    keys = ["style", "method", *settings]
+    lines = [(key, rows) for key, rows in models.groupby(keys, sort=False, dropna=False) if rows["step"].nunique() > 1]
+    if not lines:
+        return None
+    styles = list(dict.fromkeys(key[0] for key, _ in lines))
+    metrics = tuple(m for m in metrics if m.column in models and models[m.column].map(is_finite).any())
+    fig, axes = plt.subplots(len(styles), len(metrics), figsize=(3.6 * len(metrics), 2.8 * len(styles)),
+                             squeeze=False)
+    for (style, method, *values), rows in lines:
+        label = " ".join([method, *(f"{c[len('sweep.'):]}={v}" for c, v in zip(settings, values) if not pd.isna(v))])
+        by_step = rows.groupby("step")[[m.column for m in metrics]].mean()  # the mean over training seeds
+        for ax, metric in zip(axes[styles.index(style)], metrics):
+            ax.plot(by_step.index, by_step[metric.column] * metric.scale, marker="o", color=colors[method],
+                    linestyle=["-", "--", ":", "-."][len(ax.lines) % 4], label=label)
+    for row, style in zip(axes, styles):
+        for ax, metric in zip(row, metrics):
+            ax.set_title(f"{style}: {metric.label}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        row[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return save_figure(fig, path)
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TextIO
 
 from style_factory.caption import check_content_prompts
-from style_factory.config import ConfigError, Registry, RunConfig, Style, load_run_config, load_styles
+from style_factory.config import (ConfigError, Registry, RunConfig, Style, load_run_config, load_styles,
+                                 load_subjects)
 from style_factory.families import FAMILIES, get_family
 from style_factory.files import read_json, write_json_atomic
 from style_factory.hub import OFFLINE_ENV, resolve_models
@@ -143,6 +144,7 @@ def load_run(args: argparse.Namespace) -> Run:
     try:
         config = load_run_config(args.config, REGISTRY)
         styles = load_styles(config, REGISTRY, args.style)
+        styles += load_subjects(config, REGISTRY, styles, str(args.config or "(default config)"))  # run as styles
         check_content_prompts(config.evaluate.prompts or [], styles, str(args.config or "(default config)"))
         local = resolve_models(config, styles, str(args.config or "(default config)"))
         if "curate.captioner" in local:
@@ -199,6 +201,9 @@ def describe_holder(text: str) -> str:
 # Quiet per-file progress bars in every worker; the stages print one line per style instead.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
              "TQDM_DISABLE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
+# On a local instance: Ray Train's controller sees a group finish within half a second, not two (a run trains
+# many short groups), and starts no preemption watcher, as no node of a single machine is ever drained.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def start_ray() -> bool:
@@ -212,7 +217,8 @@ def start_ray() -> bool:
     project = str(Path(__file__).resolve().parent.parent)
     # Workers load the models the driver resolved (load_run) from local folders, with the Hub off: none waits on it.
     worker_env = {**QUIET_ENV, **OFFLINE_ENV}
-    env_vars = {**worker_env, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
+    env_vars = {**worker_env, **{k: os.environ.get(k, v) for k, v in LOCAL_TRAIN_ENV.items()},
+                "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
     try:
         if os.environ.get("RAY_ADDRESS"):
             context = ray.init(runtime_env={"env_vars": worker_env})  # the job's --working-dir is already on the path

@@ -34,6 +34,10 @@ class SampleJob:
     resolution: int
     num_inference_steps: int
     guidance_scale: float
+    content_dir: str = ""  # a composition (style_factory/methods/content.py): the subject's content adapter
+    gamma: float = 0.0  # a composition: the content adapter's share of each noise prediction
+    # a LoRA extracted from a full fine-tune (style_factory/checkpoint.py), model_dir its folder: the fine-tune's folder
+    extracted_from: str = ""
 
     def is_done(self) -> bool:
         """The folder holds this job's images, every one of them as written."""
@@ -87,7 +91,8 @@ def manifest(job: SampleJob) -> dict:
     return {"key": job.key, "family": job.family, "base_model": job.base_model, "model_dir": job.model_dir,
             "prompts": job.prompts, "seeds": job.seeds, "sampler": "DDIM",
             "num_inference_steps": job.num_inference_steps, "guidance_scale": job.guidance_scale,
-            "resolution": job.resolution}
+            "resolution": job.resolution,
+            **({"content_dir": job.content_dir, "gamma": job.gamma} if job.content_dir else {})}
 
 
 def seal_samples(folder: Path, job: SampleJob) -> None:

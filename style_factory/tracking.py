@@ -102,7 +102,7 @@ class TrainingTracker(Tracker):
         ref = [caption for caption, role in zip(data.captions, data.roles) if role == "ref"]
         contents = cfg.validation_prompts or list(dict.fromkeys(ref))[:VALIDATION_PROMPTS]
         self.prompts = [method.eval_prompt(content, style) for content in contents]
-        self.resolution = int(data.pixels.shape[-1])
+        self.resolution = data.resolution
         self.pipe = None
 
     def step(self, step: int, loss: float, record: dict, images_per_s: float) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from style_factory.config import WATCH_FIELDS, TrainConfig
+from style_factory.config import WATCH_FIELDS, Style, TrainConfig
 from style_factory.export import prepare_untrained
 from style_factory.families import FAMILIES
 from style_factory.files import code_version, read_json, sha256_of
@@ -27,6 +27,9 @@ from style_factory.progress import report
 from style_factory.run import Run
 from style_factory.train_job import MODEL_CARD, TrainJob
 from style_factory.worker import train_loop_per_worker
+
+SEED_COLUMN = "train_seed"  # results' column of a trained model's training seed
+SWEEP_PREFIX = "sweep."  # results' columns of a sweep point's settings: sweep.learning_rate
 
 
 def worker_kind(job: TrainJob) -> tuple:
@@ -82,10 +85,27 @@ def fit_group(group: list[TrainJob]) -> None:
     ).fit()
 
 
+def model_variants(run: Run, style: Style, method: str) -> list[tuple[str, dict, TrainConfig]]:
+    """The models of one style and method: one per sweep point (`sweep`) and training seed (`train.seeds`), each
+    (name, result columns, settings). A zero-shot method has one. The model of `train.seed` keeps the plain name
+    (adding seeds retrains nothing), another seed adds `-s<seed>`; a sweep point adds `-p<i>`."""
+    trains = METHODS[method].trains
+    points = list(enumerate(run.config.sweep.points(method))) if trains else []
+    variants = []
+    for index, point in points or [(None, {})]:
+        cfg = style.train_config(run.config, method, point)
+        for seed in cfg.training_seeds() if trains else [cfg.seed]:
+            name = method + (f"-p{index}" if index is not None else "") + (f"-s{seed}" if seed != cfg.seed else "")
+            columns = {SEED_COLUMN: seed, **{f"{SWEEP_PREFIX}{k}": v for k, v in point.items()}} if trains else {}
+            variants.append((name, columns, TrainConfig.model_validate({**cfg.model_dump(), "seed": seed,
+                                                                         "seeds": None})))
+    return variants
+
+
 def plan_training(run: Run) -> list[TrainJob]:
-    """One job per live style and method, keyed by its curated data, settings (but WATCH_FIELDS, which only show a
-    run), base model and code: the loop's, its method's and its family's, so that editing one method retrains only
-    that method's models."""
+    """One job per live style, method, sweep point and training seed, keyed by its curated data, settings (but
+    WATCH_FIELDS, which only show a run), base model and code: the loop's, its method's and its family's, so that
+    editing one method retrains only that method's models."""
     base, family = run.base_model, run.family
     jobs = []
     for style in run.live_styles():
@@ -93,17 +113,21 @@ def plan_training(run: Run) -> list[TrainJob]:
         marker = curated.with_suffix(".json")
         data_key = (read_json(marker) or {}).get("key", "missing")
         for method in style.methods(run.config):
-            cfg = style.train_config(run.config, method)
-            prior_dirs = [str(class_image_dir(run, r)) for r in get_method(method).class_images(style.config, cfg)]
             code = code_version("style_factory.worker", METHODS[method].__module__, FAMILIES[family].__module__)
-            jobs.append(TrainJob(
-                style=style.name, method=method, family=family, base_model=base, curated_path=str(curated),
-                key=sha256_of(data_key, method, cfg.model_dump(exclude=WATCH_FIELDS), base_model_identity(base),
-                              prior_dirs, code),
-                model_dir=str(run.model_dir(style.name, method)), log_path=str(run.train_log(style.name, method)),
-                storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(), train=cfg.model_dump(),
-                prior_dirs=prior_dirs, data_key=data_key, sample_batch_size=run.config.evaluate.batch_size,
-                tensorboard_dir=str(run.tensorboard_dir(style.name, method))))
+            for name, columns, cfg in model_variants(run, style, method):
+                prior_dirs = [str(class_image_dir(run, r)) for r in get_method(method).class_images(style.config, cfg)]
+                jobs.append(TrainJob(
+                    style=style.name, method=method, family=family, base_model=base, curated_path=str(curated),
+                    key=sha256_of(data_key, method, cfg.model_dump(exclude=WATCH_FIELDS | {"seeds"}),
+                                  base_model_identity(base), prior_dirs, code),
+                    first_round_key=sha256_of(data_key, method, get_method(method).first_round_settings(
+                        cfg.model_dump(exclude=WATCH_FIELDS | {"seeds"})), base_model_identity(base), prior_dirs, code),
+                    model_dir=str(run.model_dir(style.name, name)), log_path=str(run.train_log(style.name, name)),
+                    storage_path=str(run.dir / "ray_train"), style_config=style.config.model_dump(),
+                    train=cfg.model_dump(), prior_dirs=prior_dirs, data_key=data_key,
+                    sample_batch_size=run.config.evaluate.batch_size,
+                    tensorboard_dir=str(run.tensorboard_dir(style.name, name)), name=name, columns=columns,
+                    keep_steps=run.config.evaluate.checkpoint_steps(cfg.max_steps) if METHODS[method].trains else []))
     return jobs
 
 
@@ -130,18 +154,19 @@ def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[t
     for job in jobs:
         problem = job.problem()
         if problem is None:
-            outcomes[(job.style, job.method)] = {"status": "reused", "model_dir": job.model_dir}
+            outcomes[(job.style, job.model_name)] = {"status": "reused", "model_dir": job.model_dir,
+                                                     "models": job_models(job)}
         elif Path(job.model_dir).exists() and problem != "made from other data, settings or code":
-            print(f"[train] {job.style}/{job.method}: not reused, {problem}: training it again", flush=True)
+            print(f"[train] {job.style}/{job.model_name}: not reused, {problem}: training it again", flush=True)
         job.error_path.unlink(missing_ok=True)  # a failure of an earlier run is tried again
     trainable = [job for job in jobs if METHODS[job.method].trains]
     expected = {}  # the progress view's totals: every model's steps, the reused ones done
     for job in trainable:
         steps = TrainConfig.model_validate(job.train).max_steps
-        expected[f"{job.style}/{job.method}"] = (steps if (job.style, job.method) in outcomes else 0, steps)
+        expected[f"{job.style}/{job.model_name}"] = (steps if (job.style, job.model_name) in outcomes else 0, steps)
     report("train", expected)
     slots = max_concurrent or trainings_that_fit(jobs)  # from every job, as the groups: a rerun deals the same
-    queue = [[job] for job in jobs if job not in trainable and (job.style, job.method) not in outcomes]
+    queue = [[job] for job in jobs if job not in trainable and (job.style, job.model_name) not in outcomes]
     queue += [group for group in group_jobs(trainable, slots) if not all(job.is_done() for job in group)]
     pending = {}
     while queue or pending:
@@ -160,8 +185,8 @@ def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[t
             lines = str(err).strip().splitlines()
             error = lines[-1] if lines else type(err).__name__
         for job in group:
-            if (job.style, job.method) not in outcomes:
-                outcomes[(job.style, job.method)] = {**job_outcome(job, error, time.time() - started),
+            if (job.style, job.model_name) not in outcomes:
+                outcomes[(job.style, job.model_name)] = {**job_outcome(job, error, time.time() - started),
                                                      "group": group_name(group),
                                                      "group_seconds": round(time.time() - started, 1)}
     return outcomes
@@ -170,7 +195,7 @@ def train_all(jobs: list[TrainJob], max_concurrent: int | None = None) -> dict[t
 def start_group(group: list[TrainJob]) -> ray.ObjectRef:
     """A Ray Train run for trainable jobs; a task with one worker's resources for a zero-shot one."""
     if METHODS[group[0].method].trains:
-        print(f"[train] {group_name(group)}: {', '.join(f'{j.style}/{j.method}' for j in group)}, in turn, "
+        print(f"[train] {group_name(group)}: {', '.join(f'{j.style}/{j.model_name}' for j in group)}, in turn, "
               "on workers that load the base model once", flush=True)
         return fit_group.remote(group)
     cfg = TrainConfig.model_validate(group[0].train)
@@ -183,12 +208,12 @@ def job_outcome(job: TrainJob, group_error: str | None, group_seconds: float) ->
         card = read_json(Path(job.model_dir) / MODEL_CARD)
         loss = "" if card["final_loss"] is None else f", final loss {card['final_loss']:.4f}"
         seconds = card.get("train_seconds", round(group_seconds, 1))
-        print(f"[train] {job.style}/{job.method}: {card['steps']} steps{loss}, {seconds} s", flush=True)
-        return {"status": "trained", "model_dir": job.model_dir, **card}
+        print(f"[train] {job.style}/{job.model_name}: {card['steps']} steps{loss}, {seconds} s", flush=True)
+        return {"status": "trained", "model_dir": job.model_dir, **card, "models": job_models(job)}
     recorded = job.error_path
     message = (read_json(recorded) or {}).get("error") or group_error or "did not finish"
     message = explain(message, job)
-    print(f"[train] {job.style}/{job.method} FAILED: {message}", flush=True)
+    print(f"[train] {job.style}/{job.model_name} FAILED: {message}", flush=True)
     return {"status": "failed", "error": message}
 
 
@@ -201,22 +226,28 @@ def explain(message: str, job: TrainJob) -> str:
     return message
 
 
+def job_models(job: TrainJob) -> dict[str, str]:
+    """The models a finished job made, by name: its final one and each kept step's."""
+    return {made.model_name: made.model_dir for made in [job, *map(job.step_job, job.keep_steps)]}
+
+
 def train_styles(run: Run) -> dict[tuple[str, str], str]:
-    """Train (or reuse) every live style x method; returns {(style, method): model folder} of the usable ones."""
+    """Train (or reuse) every live style x model; returns {(style, model name): model folder} of the usable
+    ones, kept steps' models included."""
     with run.timed("class images"):
         generate_class_images(run)  # the generated priors the jobs read (DreamBooth), each set once
     with run.timed("train"):
         outcomes = train_all(plan_training(run), run.config.max_concurrent_trainings)
     trained = {}
-    for (style, method), outcome in outcomes.items():
+    for (style, name), outcome in outcomes.items():
         if outcome["status"] == "trained":  # its time inside its group's warm worker, and the group's wall
-            run.timings.append({"what": "train job", "job": f"{style}/{method}", "group": outcome["group"],
+            run.timings.append({"what": "train job", "job": f"{style}/{name}", "group": outcome["group"],
                                 "seconds": outcome.get("train_seconds"), "group_seconds": outcome["group_seconds"],
                                 "steps": outcome["steps"], "model_dir": outcome["model_dir"]})
-        run.record(style, f"train:{method}", "ok" if outcome["status"] == "trained" else
+        run.record(style, f"train:{name}", "ok" if outcome["status"] == "trained" else
                    outcome["status"] if outcome["status"] == "reused" else outcome["error"])
         if outcome["status"] in ("trained", "reused"):
-            trained[(style, method)] = outcome["model_dir"]
+            trained.update({(style, name): folder for name, folder in outcome["models"].items()})
     return trained
 
 
@@ -225,7 +256,7 @@ def finished_models(run: Run) -> dict[tuple[str, str], str]:
     trained = {}
     for job in plan_training(run):
         if job.is_done():
-            trained[(job.style, job.method)] = job.model_dir
+            trained.update({(job.style, name): folder for name, folder in job_models(job).items()})
         else:
-            run.record(job.style, f"train:{job.method}", "not trained yet (run jobs.train)")
+            run.record(job.style, f"train:{job.model_name}", "not trained yet (run jobs.train)")
     return trained

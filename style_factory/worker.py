@@ -23,7 +23,13 @@ from style_factory.train_job import TrainJob
 
 
 def checkpoint_prefix(job: TrainJob) -> str:
-    return f"{job.style}-{job.method}-{job.key[:8]}"
+    return f"{job.style}-{job.model_name}-{job.key[:8]}"
+
+
+def checkpoint_step(job: TrainJob, folder: Path) -> int:
+    """The step of a checkpoint folder of `job` (named by `checkpoint_prefix`); 0 for another job's."""
+    prefix = f"{checkpoint_prefix(job)}-step_"
+    return int(folder.name[len(prefix):]) if folder.name.startswith(prefix) else 0
 
 
 def train_job(job: TrainJob, method: Method, base: Components, checkpoint, device: torch.device) -> None:
@@ -50,6 +56,9 @@ def train_job(job: TrainJob, method: Method, base: Components, checkpoint, devic
 
     progress = StepReporter(f"{job.style}/{Path(job.model_dir).name}", cfg.max_steps) if rank == 0 else None
     step, losses = 0, []
+    missing = [k for k in job.keep_steps if not job.step_job(k).is_done()]
+    if checkpoint and missing and checkpoint_step(job, Path(checkpoint.path)) > min(missing):
+        checkpoint = None  # a kept step's model went missing: only training past it again makes it
     if checkpoint:
         # the group's latest checkpoint (it may be an earlier, finished job's), then this job's earlier ones that
         # retention kept beside it: a checkpoint cut short falls back to the one before, then to the base model
@@ -81,11 +90,14 @@ def train_job(job: TrainJob, method: Method, base: Components, checkpoint, devic
                 tracker.step(step, losses[-1], record, record["images"] * world_size / (time.perf_counter() - tick))
                 if tracker.due(step):
                     tracker.validate(models, step, device)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or step in job.keep_steps:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if rank == 0:
                         save_checkpoint(Path(tmp), job.key, models, modules, optimizer, step, losses)
+                        if step in missing:  # a kept step: its weights exported as a model of their own
+                            export_model(job.step_job(step), Path(tmp), base,
+                                         train_seconds=round(time.time() - started, 1))
                         if step == cfg.max_steps:  # exported before it is reported: a restart finds the job done
                             export_model(job, Path(tmp), base, train_seconds=round(time.time() - started, 1))
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -126,6 +138,6 @@ def train_loop_per_worker(config: dict) -> None:
         except Exception as err:  # noqa: BLE001 - the job's own failure; the group's other jobs go on
             if rank == 0:
                 write_json_atomic(job.error_path, {"key": job.key, "error": f"{type(err).__name__}: {err}"})
-            print(f"[train] {job.style}/{job.method} FAILED: {type(err).__name__}: {err}", flush=True)
+            print(f"[train] {job.style}/{job.model_name} FAILED: {type(err).__name__}: {err}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

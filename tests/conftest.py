@@ -4,6 +4,8 @@ Builders and loaders the tests share live in tests/helpers.py.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import yaml
 
@@ -32,7 +34,8 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def e2e_run(ray_session, tmp_path_factory):
     """Two example styles through curate -> train -> evaluate -> decide -> report, once per session: (run folder,
-    config path, exit code). Tests that read a real run folder share it; a test may rerun the same config on it."""
+    config path, exit code), validation samples on, what it printed in `stdout.log` beside the config (not a
+    terminal). Tests that read a real run folder share it; a test may rerun the same config on it."""
     from jobs import all_styles
 
     root = tmp_path_factory.mktemp("e2e")
@@ -43,18 +46,42 @@ def e2e_run(ray_session, tmp_path_factory):
                                               if k != "train"}))
     config = {
         "name": "e2e", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
-        "train": {"max_steps": 4, "checkpoint_every": 2},
+        "train": {"max_steps": 4, "checkpoint_every": 2, "validation_every": 2},
         "evaluate": {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
                      "seeds": [0, 1], "num_inference_steps": 3},
     }
     config_path = root / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    exit_code = all_styles.main(["--config", str(config_path)])
+    with (root / "stdout.log").open("w") as out, contextlib.redirect_stdout(out):
+        exit_code = all_styles.main(["--config", str(config_path)])
     return root / "results" / "e2e", config_path, exit_code
 
 
-def pytest_collection_modifyitems(items):
+# Test modules that read the session's `e2e_run`: under `make test` they run in one worker, so it is made once.
+E2E_RUN_MODULES = {"tests/test_e2e.py", "tests/test_decide.py", "tests/test_watch.py"}
+
+
+def pytest_itemcollected(item):
     """A test that needs the session's Ray instance is a `ray` test, however deep the fixture sits."""
-    for item in items:
-        if "ray_session" in item.fixturenames:
-            item.add_marker(pytest.mark.ray)
+    if "ray_session" in item.fixturenames:
+        item.add_marker(pytest.mark.ray)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with `ray` tests first: they are the long ones, and the quick ones then fill the workers' ends."""
+    ray_modules = {item.module.__name__ for item in items if item.get_closest_marker("ray")}
+    items.sort(key=lambda item: item.module.__name__ not in ray_modules)  # stable: the order within stays
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n N` (`make test`): a module's tests run in one worker, so its module fixtures are built once, and
+    the E2E_RUN_MODULES share one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "e2e_run" if module in E2E_RUN_MODULES else module
+
+    return ModuleScheduling(config, log)

@@ -13,8 +13,9 @@ resolved only when that path is a torch.nn.Linear or Conv2d there.
 Both tools then scale each module's up @ down by alpha / rank (`lora_scales`) and reshape it to the weight
 (`misfit_shapes`), the same way in each.
 
-Left out: the other formats both tools read (diffusers / peft `unet.…lora_A`, `lycoris_`, `text_encoders.`,
-LoHa / LoKr / OFT / DoRA parts), Stable Cascade / SD3 / Flux names, SD 2.x.
+DoRA's `dora_scale` and LoKr's factors count as parts; `comfyui_merged` and `a1111_merged` compute the weight each
+tool patches from them. Left out: the other formats both tools read (diffusers / peft `unet.…lora_A`, `lycoris_`,
+`text_encoders.`, LoHa / OFT / LoKr's Tucker core), Stable Cascade / SD3 / Flux names, SD 2.x.
 """
 from __future__ import annotations
 
@@ -26,8 +27,17 @@ from torch import nn
 
 Target = tuple[str, str]  # (component of `modules`, module path in kohya's spelling)
 COMPONENTS = {"sd1": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder", "text_encoder_2")}
-SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")  # a kohya LoRA's parts
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")  # LyCORIS's LoKr
+# a kohya LoRA's parts, DoRA's magnitude and LoKr's factors (comfy/weight_adapter/lora.py, lokr.py; A1111
+# network_lora.py, network_lokr.py, network.py)
+SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", *(f".{p}" for p in LOKR_PARTS))
 PAIR = {"lora_down.weight", "lora_up.weight"}  # both tools build a LoRA only from both matrices
+
+
+def _complete(parts: set[str]) -> bool:
+    """Whether both tools build a module from `parts`: LoRA's pair, or LoKr's w1 and w2 (each whole, or as its
+    `_a` and `_b` factors)."""
+    return PAIR <= parts or all(f"lokr_{w}" in parts or {f"lokr_{w}_a", f"lokr_{w}_b"} <= parts for w in ("w1", "w2"))
 
 
 def _us(path: str) -> str:
@@ -110,7 +120,7 @@ def _report(keys: list[str], parts: Mapping[str, set[str]], targets: Mapping[str
             modules: Mapping[str, nn.Module]) -> list[str]:
     """The keys outside kohya's LoRA parts, or whose prefix lacks the down/up pair or a real Linear/Conv2d target."""
     good = {prefix for prefix, target in targets.items()
-            if target is not None and PAIR <= parts[prefix] and _is_layer(modules, target)}
+            if target is not None and _complete(parts[prefix]) and _is_layer(modules, target)}
     return [key for key in keys if not key.endswith(SUFFIXES) or key.partition(".")[0] not in good]
 
 
@@ -268,7 +278,7 @@ def a1111_unresolved(keys: Iterable[str], family: str, modules: Mapping[str, nn.
     keys = list(keys)
     parts, layers = _parts(keys, family, modules), _a1111_layers(family, modules)
     matches = {prefix: _a1111_match(prefix, layers) for prefix in parts}
-    loaded = {match[0] for prefix, match in matches.items() if match is not None and PAIR <= parts[prefix]}
+    loaded = {match[0] for prefix, match in matches.items() if match is not None and _complete(parts[prefix])}
 
     def applied(sd_key: str) -> bool:
         m = re.fullmatch(r"(1_model_transformer_resblocks_\d+_attn)_(?:[qkv]|out)_proj", sd_key)
@@ -313,3 +323,64 @@ def misfit_shapes(state: Mapping[str, torch.Tensor], family: str, modules: Mappi
                 and down.flatten(1).shape[1] == weight[0].numel()):
             misfits.append(prefix)
     return misfits
+
+
+def _lora_delta(state: Mapping[str, torch.Tensor], prefix: str, weight: torch.Tensor) -> torch.Tensor:
+    """alpha / rank * up @ down, reshaped to the weight (both tools)."""
+    down, up = state[f"{prefix}.lora_down.weight"].float(), state[f"{prefix}.lora_up.weight"].float()
+    return lora_scales({k: v for k, v in state.items() if k.startswith(f"{prefix}.")})[prefix] * (
+        up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+
+
+def _lokr_delta(state: Mapping[str, torch.Tensor], prefix: str, weight: torch.Tensor) -> torch.Tensor:
+    """kron(w1, w2) reshaped to the weight, each factor whole or a @ b; scaled by alpha / dim only where a factor is
+    decomposed (dim: w2_b's rows, else w1_b's) and the file has an alpha, else by 1 (ComfyUI lokr.py
+    `calculate_weight`, A1111 network_lokr.py with network.py `calc_scale`: the same rule)."""
+    factors, dim = [], None
+    for w in ("w1", "w2"):
+        whole = state.get(f"{prefix}.lokr_{w}")
+        if whole is None:
+            b = state[f"{prefix}.lokr_{w}_b"].float()
+            whole, dim = state[f"{prefix}.lokr_{w}_a"].float() @ b, b.shape[0]
+        factors.append(whole.float())
+    w1, w2 = factors
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    alpha = state.get(f"{prefix}.alpha")
+    scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+    return scale * torch.kron(w1, w2).reshape(weight.shape)
+
+
+def _delta(state: Mapping[str, torch.Tensor], prefix: str, weight: torch.Tensor) -> torch.Tensor:
+    lokr = f"{prefix}.lokr_w1" in state or f"{prefix}.lokr_w1_a" in state
+    return (_lokr_delta if lokr else _lora_delta)(state, prefix, weight)
+
+
+def _column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||.|| over the output axis, per input column (and kernel position), shaped to broadcast as (1, in, ...)."""
+    return weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
+def comfyui_merged(state: Mapping[str, torch.Tensor], prefix: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight ComfyUI patches at strength 1 (comfy/weight_adapter/base.py `weight_decompose` with DoRA): W + delta;
+    with `dora_scale`, times dora_scale / norm, where a dora_scale of `out` rows takes the norm of each row of the
+    *base* weight W, any other the column norms of W + delta (each + float32 eps)."""
+    weight = weight.float()
+    merged = weight + _delta(state, prefix, weight)
+    scale = state.get(f"{prefix}.dora_scale")
+    if scale is None:
+        return merged
+    if scale.shape[0] == weight.shape[0]:
+        norm = weight.flatten(1).norm(dim=1).reshape(len(weight), *[1] * (weight.dim() - 1))
+    else:
+        norm = _column_norms(merged)
+    return merged * (scale.float() / (norm + torch.finfo(torch.float32).eps))
+
+
+def a1111_merged(state: Mapping[str, torch.Tensor], prefix: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight A1111 (1.10) patches at strength 1: W + delta; with `dora_scale`, (W + delta) * dora_scale / its
+    column norms, whatever dora_scale's shape (network.py `apply_weight_decompose`)."""
+    weight = weight.float()
+    merged = weight + _delta(state, prefix, weight)
+    scale = state.get(f"{prefix}.dora_scale")
+    return merged if scale is None else merged * (scale.float() / _column_norms(merged))

@@ -44,7 +44,8 @@ def test_editing_a_method_changes_its_key_alone(pipeline_copy):
 def test_a_method_built_on_another_follows_its_edits(pipeline_copy):
     before = job_keys()
     edit(pipeline_copy / "methods" / "styleboost.py")
-    assert changed(before, job_keys()) == {"styleboost", "dreambooth"}  # DreamBooth is StyleBoost with other priors
+    # DreamBooth is StyleBoost with other priors, and a subject's content adapter is DreamBooth's recipe
+    assert changed(before, job_keys()) == {"styleboost", "dreambooth", "content"}
 
 
 def test_the_shared_loop_and_a_family_change_the_keys_of_the_jobs_they_run(pipeline_copy):

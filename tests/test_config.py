@@ -31,6 +31,7 @@ def test_example_styles_and_configs_are_valid():
     ("model: {resolution: 100}", "model.resolution: Input should be a multiple of 8"),
     ("name: '../escape'", "name: Value error, must be a safe directory name"),
     ("methods: [dreambooth2]", "methods: Value error, unknown method 'dreambooth2'"),
+    ("methods: [styleboost, content]", "methods: Value error, 'content' trains a subject's content adapter"),
     ("baselines: [styleboost]", "baselines: Value error, 'styleboost' trains; baselines are zero-shot methods"),
     ("train: {method_options: {styleboost: {rank: 4}}}", "rank"),
     ("train: {per_method: {dreambooth: {learning_rate: -1}}}", "learning_rate"),
@@ -62,6 +63,7 @@ def test_missing_run_config_is_named(tmp_path):
     ({"train": {"max_stpes": 3}}, "max_stpes"),
     ({"colour": "red"}, "colour: unknown field"),
     ({"method": "textinversion"}, "method: Value error, unknown method 'textinversion'"),
+    ({"method": "content"}, "method: Value error, 'content' trains a subject's content adapter, not a style"),
 ])
 def test_style_config_errors(tmp_path, change, expected):
     style = make_style(tmp_path, "mystyle", "zwx")

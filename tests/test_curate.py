@@ -18,8 +18,9 @@ import yaml
 from PIL import Image
 
 from style_factory import caption
-from style_factory.config import CurateConfig, RunConfig, load_style, load_styles
-from style_factory.curate import _to_rgb, curate_styles, decode_image, list_candidates, style_fingerprint
+from style_factory.config import CurateConfig, RunConfig, StyleConfig, load_style, load_styles
+from style_factory.curate import curate_styles, list_candidates, style_fingerprint
+from style_factory.decode import _to_rgb, decode_image
 from style_factory.data import StyleData
 from style_factory.run import REGISTRY, Run
 from tests.helpers import make_style, noise_image
@@ -270,15 +271,22 @@ def test_caption_sources(tmp_path: Path):
     (tmp_path / "secret.txt").write_text("a file next door")
     (tmp_path / "linked.txt").symlink_to(tmp_path / "secret.txt")  # could lead anywhere: not followed
 
-    def caption_of(name: str, captioner: caption.Captioner | None = None) -> tuple[str, str]:
-        return caption.caption_for(tmp_path / name, encode(noise_image(0)), captioner, "a {class_word} picture", "cat")
+    style = StyleConfig(display_name="Ink", descriptor="ink wash painting", concepts=[{"token": "qxp", "class_word": "style"}],
+                        caption_template="a {class_word} picture")
 
-    assert caption_of("a.png") == ("from the sidecar", "sidecar")
+    def caption_of(name: str, captioned: str | None = None) -> tuple[str, str, str]:
+        return caption.caption_for(tmp_path / name, captioned, style, "cat", ["ink", "wash", "painting"])
+
+    assert caption_of("a.png") == ("from the sidecar", "sidecar", "")
     for no_caption in ("none.png", "empty.png", "linked.png"):
-        assert caption_of(no_caption) == ("a cat picture", "template")
-    assert caption_of("none.png", lambda image: "seen") == ("seen", "captioner")
-    assert caption_of("a.png", lambda image: "seen") == ("from the sidecar", "sidecar")
-    assert caption_of("none.png", lambda image: "") == ("a cat picture", "template")
+        assert caption_of(no_caption) == ("a cat picture", "template", "")
+    assert caption_of("none.png", "seen") == ("seen", "captioner", "")
+    assert caption_of("a.png", "seen") == ("from the sidecar", "sidecar", "")  # the sidecar wins
+    assert caption_of("none.png", "") == ("a cat picture", "template", "")
+    assert caption_of("none.png", "an ink painting of a cat") == (
+        "a cat", "captioner", "style words removed from the captioner's caption: ink, painting")
+    text, source, note = caption_of("none.png", "Ink wash painting")  # nothing left: the template
+    assert (text, source) == ("a cat picture", "template") and "all style words" in note
 
 
 # ---- the stage, with Ray -------------------------------------------------------------------------------------

@@ -169,3 +169,26 @@ def test_the_stage_writes_best_parquet_on_a_real_run(e2e_run):
         if row["method"] == "styleboost":
             assert row["diffusers_load"] == f'StableDiffusionPipeline.from_pretrained("{row["model_dir"]}")'
     assert 'id="verdict"' in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_lead_within_the_spread_between_training_seeds_is_a_tie_not_a_win(tmp_path):
+    run_dir = make_results(tmp_path / "run", [
+        {"method": "styleboost", "offset": 0.0, "clip_t": 0.30, "train_seed": 1},  # seed-averaged best, but noisy
+        {"method": "styleboost", "offset": 0.9, "clip_t": 0.30, "train_seed": 2},
+        {"method": "textboost", "offset": 0.8, "clip_t": 0.30, "train_seed": 1},
+        {"method": "textboost", "offset": 0.8, "clip_t": 0.30, "train_seed": 2}])
+    best = verdict(run_dir)
+    assert best["method"] == "styleboost" and best["runner_up"] == "textboost"
+    assert best["runner_up_diff_ci_low"] > 0  # the paired test alone would call it a win...
+    assert best["runner_up_diff"] <= best["value_seed_std"]  # ...but the lead is within styleboost's seed spread
+    assert list(best["tied"]) == ["textboost"] and "tied with textboost" in best["why"]
+
+
+def test_a_fall_against_the_base_within_the_seed_spread_keeps_the_base(tmp_path):
+    run_dir = make_results(tmp_path / "run", [
+        {"method": "styleboost", "offset": 0.0, "clip_t": 0.30, "train_seed": 1},
+        {"method": "styleboost", "offset": 1.6, "clip_t": 0.30, "train_seed": 2}])
+    best = verdict(run_dir)
+    styleboost = evidence(best)["styleboost"]
+    assert styleboost["vs_base_ci_high"] < 0 and styleboost["seed_std"] >= -styleboost["vs_base"]
+    assert best["method"] == "base" and "spread between training seeds" in styleboost["verdict"]

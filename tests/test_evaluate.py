@@ -1,11 +1,14 @@
 """Scoring without Ray: score_entries on small PNGs with the toy backbone."""
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from style_factory import backbones, metrics
 from style_factory.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, kid_change_scores, score_entries
@@ -149,3 +152,53 @@ def test_set_consistency_is_the_mean_cosine_within_each_set():
     values = metrics.set_consistency(emb, np.array([0, 1, 0, 1]))
     np.testing.assert_allclose(values, [0, 1 / np.sqrt(2), 0, 1 / np.sqrt(2)], atol=1e-12)
     assert np.isnan(metrics.set_consistency(emb[:3], np.array([0, 0, 1]))[2])  # alone in its set
+
+
+def test_without_csd_weights_its_columns_are_nan_and_labelled_not_available(scored):
+    rows, _ = scored
+    for row in rows.values():
+        assert row["csd_backbone"] == backbones.CSD_NOT_AVAILABLE and math.isnan(row["style_sim_csd"])
+        assert "CSD" not in row["backbone_sha256"]  # the protocol's digests name only backbones that scored
+    assert math.isnan(rows["base"]["inception_score"])  # the toy backbone has no ImageNet classes
+
+
+def test_csd_style_similarity_and_the_inception_score_recompute_from_the_features(toy_backbones, tmp_path):
+    inception, clip, dino = toy_backbones
+    # an output layer of 10 classes, as the real network's 1008
+    classes = np.random.default_rng(1).normal(size=(10, inception.model.toy.clip.config.projection_dim))
+    with_classes = backbones.FeatureExtractor(inception.model, backbones.TOY_CLIP_VISION["image_size"],
+                                              inception.info, "cpu", class_weight=classes)
+    torch.manual_seed(0)
+    weight_file = tmp_path / backbones.CSD_FILE_NAME
+    save_file(backbones.Csd(width=64, layers=2, embed_dim=32).state_dict(), str(weight_file))  # CSD's names
+    csd = backbones.load_csd(str(weight_file))
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reference = write_pngs(tmp_path / "ref", 4, seed=0, brightness=0)
+    heldout = write_pngs(tmp_path / "heldout", 2, seed=9, brightness=0)
+    entries = [{"style": "ink", "method": method, "images": write_pngs(tmp_path / method, 4, 1 + m, 60 * m),
+                "prompt_indices": [i for i, _ in pairs], "seeds": [s for _, s in pairs],
+                "texts": [PROMPTS[i] for i, _ in pairs], "reference": reference, "heldout": heldout}
+               for m, method in enumerate(["base", "styleboost"])]
+    rows, feature_rows = score_entries(entries, with_classes, clip, dino, seed=0, run_id="t", run_dir=tmp_path,
+                                       csd=csd)
+    rows = {row["method"]: row for row in rows}
+    features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA).to_pandas()
+    name = csd.info.name
+
+    def stacked(method: str, backbone: str) -> np.ndarray:
+        return np.stack(features[(features.method == method) & (features.backbone == backbone)].feature.to_list())
+
+    for method in ("base", "styleboost"):
+        row = rows[method]
+        assert row["csd_backbone"] == name and json.loads(row["backbone_sha256"])[name] == csd.info.sha256
+        for part, ref in (("", "ref"), ("_heldout", "heldout")):
+            value = float(metrics.style_cosines(stacked(method, name), stacked(ref, name)).mean())
+            assert row[f"style_sim_csd{part}"] == value
+            assert row[f"style_sim_csd{part}_ci_low"] <= value <= row[f"style_sim_csd{part}_ci_high"]
+        score = metrics.inception_score(stacked(method, inception.info.name).astype(np.float64) @ classes.T)
+        assert row["inception_score"] == score
+        assert row["inception_score_ci_low"] <= score <= row["inception_score_ci_high"]
+    ref_csd = stacked("ref", name)
+    floor = rows[NOISE_FLOOR]
+    assert floor["style_sim_csd"] == float(metrics.style_cosines(ref_csd[::2], ref_csd[1::2]).mean())
+    assert math.isnan(floor["style_sim_csd_heldout"]) and "inception_score" not in floor

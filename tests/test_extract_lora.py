@@ -1,9 +1,15 @@
 """LoRA extraction from a full fine-tune (style_factory/checkpoint.py): the SVD error it reports, its kohya names under
-ComfyUI's and A1111's rules at the real shapes, and the LoRA diffusers loads reproducing the fine-tuned UNet."""
+ComfyUI's and A1111's rules at the real shapes, the LoRA diffusers loads reproducing the fine-tuned UNet, and the
+extracted LoRA evaluated as a model of its own (`<method>-lora<rank>`: planned, sampled from its file, its files in
+best.parquet)."""
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -17,9 +23,17 @@ from style_factory.checkpoint import (
     lora_targets,
     low_rank_factors,
 )
-from style_factory.config import ExportConfig
+from style_factory.config import ExportConfig, RunConfig, load_styles
+from style_factory.decide import load_files
+from style_factory.evaluate import RESULTS_SCHEMA, plan_samples, record_metrics_in_card
 from style_factory.families import get_family
-from style_factory.lora import add_lora, kohya_state_dict
+from style_factory.files import folder_manifest, read_json, write_json_atomic
+from style_factory.generate import load_sampling_pipeline
+from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE, add_lora, kohya_state_dict
+from style_factory.run import REGISTRY, Run
+from style_factory.sampling import draws, sample_draws
+from style_factory.train_job import MODEL_CARD
+from tests.helpers import load_sd1_pipeline, make_style
 
 CHANGED = ["conv_in", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
            "mid_block.resnets.0.conv1", "up_blocks.0.attentions.0.proj_out"]
@@ -112,3 +126,80 @@ def test_diffusers_loads_the_extracted_lora_onto_the_base_as_the_fine_tune(tiny_
         assert error < 1e-3
     else:
         assert files.facts["extracted_lora"]["relative_error"] > 0.1 and error < 1
+
+
+@pytest.fixture(scope="module")
+def extractions(base) -> dict:
+    """The export's files (`full_model_files`) of one fine-tune of the tiny model, with a LoRA extracted at rank 1
+    and at rank 2."""
+    tuned = fine_tune(base, true_rank=2)
+    return {rank: full_model_files("alpha", "styleboost", tuned, lambda: base, ["unet"],
+                                   ExportConfig(single_file=False, extract_lora_rank=rank)) for rank in (1, 2)}
+
+
+def run_with_extraction(root, tiny_model, files, key: str = "fine-tune"):
+    """A run of one style whose StyleBoost model (card key `key`) is the folder the export writes with `files` (a
+    fine-tune of the tiny model and its extracted LoRA); (run, trained models as train_styles returns them)."""
+    make_style(root / "styles", "alpha", "zwx")
+    config = RunConfig(styles_dir=str(root / "styles"), results_dir=str(root / "results"), model={"base": "tiny"},
+                       methods=["styleboost"], evaluate={"prompts": ["a red circle", "a blue square"], "seeds": [0],
+                                                         "num_inference_steps": 2})
+    run = Run(config=config, styles=load_styles(config, REGISTRY), local_base=tiny_model)
+    folder = run.model_dir("alpha", "styleboost")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    files.write(folder)
+    write_json_atomic(folder / MODEL_CARD, {"key": key, "method": "styleboost", "steps": 4, "columns": {},
+                                            **files.facts, "files": folder_manifest(folder)})
+    return run, {("alpha", "styleboost"): str(folder)}
+
+
+def planned(run, trained) -> dict:
+    return {Path(job.out_dir).name: job for job in plan_samples(run, trained)}
+
+
+def test_the_extracted_lora_is_planned_as_a_model_of_its_own(tmp_path, tiny_model, extractions):
+    run, trained = run_with_extraction(tmp_path, tiny_model, extractions[1])
+    jobs = planned(run, trained)
+    assert set(jobs) == {"base", "styleboost", "styleboost-lora1"}
+    lora, tuned = jobs["styleboost-lora1"], jobs["styleboost"]
+    folder = trained["alpha", "styleboost"]
+    assert (lora.method, lora.model_dir, lora.extracted_from) == ("styleboost-lora1", f"{folder}/lora-r1", folder)
+    assert lora.prompts == tuned.prompts != jobs["base"].prompts and lora.seeds == tuned.seeds
+    assert lora.out_dir == str(run.samples_dir("alpha", "styleboost-lora1"))
+    # keyed by the fine-tune's key and the rank
+    other_source = planned(*run_with_extraction(tmp_path, tiny_model, extractions[1], key="another fine-tune"))
+    other_rank = planned(*run_with_extraction(tmp_path, tiny_model, extractions[2]))
+    assert set(other_rank) == {"base", "styleboost", "styleboost-lora2"}
+    assert other_rank["styleboost"].key == tuned.key != other_source["styleboost"].key
+    assert len({lora.key, other_source["styleboost-lora1"].key, other_rank["styleboost-lora2"].key, tuned.key}) == 4
+
+
+@pytest.mark.slow
+def test_the_extracted_lora_samples_as_the_base_with_its_file_alone(tmp_path, tiny_model, extractions):
+    run, trained = run_with_extraction(tmp_path, tiny_model, extractions[2])
+    job = planned(run, trained)["styleboost-lora2"]
+
+    def images(pipe) -> np.ndarray:  # the job's first image: one is enough to tell the models apart
+        return np.stack([np.asarray(image, np.int16) for image in sample_draws(pipe, job, draws(job)[:1])])
+
+    got = images(load_sampling_pipeline(job, "cpu"))
+    by_hand = load_sd1_pipeline(tiny_model)
+    by_hand.load_lora_weights(job.model_dir)
+    assert np.array_equal(got, images(by_hand))
+    by_hand.unload_lora_weights()
+    assert np.abs(got - images(by_hand)).max() > 10  # not the base's images
+
+
+def test_best_parquet_names_the_extracted_lora_file_and_its_card_entry_gets_its_scores(tmp_path, tiny_model,
+                                                                                      extractions):
+    run, trained = run_with_extraction(tmp_path, tiny_model, extractions[1])
+    job = planned(run, trained)["styleboost-lora1"]
+    folder = str(Path(job.model_dir).relative_to(run.dir))
+    files = load_files(run.dir, pd.Series({"method": job.method, "model_dir": folder}), "sd1")
+    assert files == {"diffusers_load": f'pipe.load_lora_weights("{folder}")', "embeddings": [],
+                     "diffusers_file": f"{folder}/{DIFFUSERS_FILE}", "webui_file": f"{folder}/{KOHYA_FILE}"}
+    record_metrics_in_card(job, {name: 0.5 for name in RESULTS_SCHEMA.names})
+    card = read_json(Path(job.extracted_from) / MODEL_CARD)  # the LoRA folder has no card: its fine-tune's holds it
+    assert card["extracted_lora"]["metrics"]["kid"] == 0.5 and "relative_error" in card["extracted_lora"]
+    assert "metrics" not in card

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from style_factory.config import Concept, CurateConfig, StyleConfig, TrainConfig, load_style
-from style_factory.curate import DecodeBatch, curate_style, decode_image, list_candidates
+from style_factory.curate import curate_style, list_candidates
+from style_factory.decode import DecodeBatch, decode_image
 from style_factory.data import CURATED_SCHEMA, StyleData
 from style_factory.export import export_model
 from style_factory.families import FAMILIES, get_family
@@ -48,9 +49,8 @@ def style_data(n: int = 4) -> StyleData:
     """Two StyleRef and two Aux rows, from 96x64 sources centre-cropped (as curation records them)."""
     images = [noise_image(i, (96, 64)) for i in range(n)]
     rows = [decode_image(_png(image), CurateConfig(), 64) for image in images]
-    pixels = torch.stack([torch.from_numpy(np.asarray(img, np.float32)).permute(2, 0, 1) for img, _, _ in rows])
     geometry = [g for _, _, g in rows]
-    return StyleData(pixels=pixels / 127.5 - 1, roles=np.array(["ref", "ref", "aux", "aux"][:n]),
+    return StyleData(images=[np.asarray(img) for img, _, _ in rows], roles=np.array(["ref", "ref", "aux", "aux"][:n]),
                      concepts=np.zeros(n, int), captions=["a ref picture"] * n, tokens=["qvz"] * n,
                      class_words=["style"] * n,
                      original_sizes=np.array([[g["original_height"], g["original_width"]] for g in geometry]),
@@ -79,7 +79,7 @@ def train_steps(models, method_name: str, cfg: TrainConfig, steps: int = 2):
     data = style_data()
     torch.manual_seed(cfg.seed)
     groups = method.prepare(models, cfg)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = encode_latent_cache(models.vae, data.images, method.image_views(cfg))
     optimizer = build_optimizer(groups, cfg, CPU)
     for step in range(steps):
         optimisation_step(models, method, data, cache, optimizer, cfg, step, 0, CPU)

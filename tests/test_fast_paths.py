@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from pydantic import ValidationError
 
 from style_factory.config import ConfigError, TrainConfig, load_run_config
+from style_factory.data import pixel_tensor
 from style_factory.families.base import Conditioning
 from style_factory.loop import (VIEW_OPS, apply_fast_paths, build_optimizer, denoising_loss, encode_latent_cache,
                            optimisation_step, step_generator, stored_latent_cache, training_step)
@@ -43,7 +44,7 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_model):
     cfg = TrainConfig(batch_size=2, train_text_encoder=False)
     method.prepare(models, cfg)
     data = toy_data(concepts=1)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = encode_latent_cache(models.vae, data.images, method.image_views(cfg))
     batch = method.sample_batch(data, cfg, step_generator(cfg.seed, 0, 0)[0])
     views = np.array([0, 1, 1, 0])  # as is and mirrored
     cached = training_step(models, method, batch, cache, cfg, step_generator(cfg.seed, 0, 0)[1], views, CPU,
@@ -51,10 +52,11 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_model):
 
     # Uncached: encode the batch's images in the step, drawing the same noise from the same generator.
     generator = step_generator(cfg.seed, 0, 0)[1]
-    pixels = torch.stack([VIEW_OPS["hflip"](p) if v else p for p, v in zip(data.pixels[batch.rows], views)])
+    pixels = torch.stack([VIEW_OPS["hflip"](p) if v else p for p, v in zip(pixel_tensor(data.images)[batch.rows], views)])
     with torch.no_grad():
         posterior = models.vae.encode(pixels).latent_dist
-    torch.testing.assert_close(cache[views, batch.rows, 0], posterior.mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack([cache[r][v, 0] for r, v in zip(batch.rows, views)]), posterior.mean,
+                               rtol=0, atol=1e-5)
     latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)) \
         * models.vae.config.scaling_factor
     text = fresh_text_embeddings(models, batch.prompts)
@@ -74,9 +76,9 @@ def test_latents_are_stored_beside_the_curated_data_and_encoded_once(tiny_model,
                    curated_path=str(curated), model_dir="", log_path="", storage_path="", style_config={}, train={},
                    data_key="data-1")
     first = stored_latent_cache(job, models.vae, data, views)
-    assert torch.equal(first, encode_latent_cache(models.vae, data.pixels, views))
+    assert all(map(torch.equal, first, encode_latent_cache(models.vae, data.images, views)))
     [stored] = (tmp_path / "curated" / "ink.latents").iterdir()
-    assert torch.equal(stored_latent_cache(job, None, data, views), first)  # loaded: no VAE needed
+    assert all(map(torch.equal, stored_latent_cache(job, None, data, views), first))  # loaded: no VAE needed
     with pytest.raises(AttributeError):  # other curated data (or other views) is encoded anew, not mixed up
         stored_latent_cache(replace(job, data_key="data-2"), None, data, views)
     with pytest.raises(AttributeError):
@@ -132,7 +134,7 @@ def first_step(tiny_model: str, cfg: TrainConfig):
     method = get_method("styleboost")
     groups = method.prepare(models, cfg)
     data = toy_data(concepts=1)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = encode_latent_cache(models.vae, data.images, method.image_views(cfg))
     apply_fast_paths(models, cfg)
     optimizer = build_optimizer(groups, cfg, CPU)
     loss = optimisation_step(models, method, data, cache, optimizer, cfg, 0, 0, CPU)

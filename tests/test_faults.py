@@ -93,7 +93,7 @@ def model_card(run_dir: Path, style: str) -> dict:
 # The whole job killed (driver and local Ray) mid-training, then rerun; two of its styles fail
 # ---------------------------------------------------------------------------------------------
 
-def run_job(command: list[str], log: Path, stop_when=None, timeout: float = 240):
+def run_job(command: list[str], log: Path, stop_when=None, timeout: float = 600):
     """Run a job in its own process group; SIGKILL the group as soon as stop_when() returns a value.
 
     Returns (exit code, stop_when's value, the job's processes still alive 30 s after it ended). Ray's workers

@@ -18,8 +18,8 @@ from PIL import Image
 
 from style_factory import backbones, caption
 from style_factory.config import ConfigError, CurateConfig, TrainConfig, load_run_config, load_style
-from style_factory.curate import (CurationError, DecodeBatch, curate_style, decode_image, differing_fraction,
-                             list_candidates, thumbnail)
+from style_factory.curate import CurationError, curate_style, differing_fraction, list_candidates
+from style_factory.decode import DecodeBatch, decode_image, thumbnail
 from style_factory.data import StyleData
 from style_factory.families import get_family
 from style_factory.families.base import clip_tokenizer
@@ -192,6 +192,7 @@ class Planted(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = PlantedLayers()
+        self.output = torch.nn.Linear(3, 1008)  # the output layer the Inception Score reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from jobs import all_styles
-from style_factory.methods import METHODS
+from style_factory.methods import STYLE_METHODS
 from tests.helpers import make_style
 
 STEPS = 3
@@ -20,7 +20,7 @@ def sweep(ray_session, tmp_path_factory):
     make_style(root / "styles", "inkwash", "qvz", n_ref=5, n_aux=5)
     config = {
         "name": "sweep", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
-        "methods": sorted(METHODS),
+        "methods": sorted(STYLE_METHODS),
         "train": {"max_steps": STEPS, "checkpoint_every": STEPS, "method_options": {
             "dreambooth": {"num_class_images": 2, "class_inference_steps": 2},
             "styledrop": {"feedback_candidates": 2, "feedback_inference_steps": 2,
@@ -40,7 +40,7 @@ def test_a_row_per_method_plus_base_on_one_protocol(sweep):
     assert exit_code == 0, (run_dir / "summary.json").read_text()
     results = pd.read_parquet(run_dir / "results.parquet")
     results = results[results.method != "noise-floor"]  # the StyleRef split-half row is tested in test_e2e
-    assert sorted(results.method) == sorted(["base", *METHODS])
+    assert sorted(results.method) == sorted(["base", *STYLE_METHODS])
     protocol = results[["n_images", "n_reference", "inception_backbone", "clip_backbone", "config_hash"]]
     assert len(protocol.drop_duplicates()) == 1  # identical prompts, seeds and backbones for every model
     assert results.seeds.map(list).map(tuple).nunique() == 1
@@ -49,7 +49,7 @@ def test_a_row_per_method_plus_base_on_one_protocol(sweep):
 
 def test_every_model_has_a_card_with_its_data_and_metrics(sweep):
     run_dir, _ = sweep
-    for method in METHODS:
+    for method in STYLE_METHODS:
         card = json.loads((run_dir / "models" / "inkwash" / method / "model_card.json").read_text())
         assert card["method"] == method and card["tokens"] == ["qvz"] and card["data"]["key"]
         assert card["steps"] == (0 if method == "stylealigned" else STEPS)

@@ -179,6 +179,31 @@ def test_toy_clip_matches_captions_to_their_scenes():
     assert (top1 == np.arange(len(scenes))).mean() >= 0.5  # chance is 1/12
 
 
+# ----------------------------------------------------------------------------- Inception Score
+
+
+def direct_inception_score(logits: np.ndarray) -> float:
+    """IS written out image by image: exp(mean_x sum_y p(y|x) log(p(y|x) / p(y)))."""
+    probs = [np.exp(row - row.max()) / np.exp(row - row.max()).sum() for row in logits]
+    marginal = np.mean(probs, axis=0)
+    kls = [sum(p[y] * np.log(p[y] / marginal[y]) for y in range(len(p))) for p in probs]
+    return float(np.exp(np.mean(kls)))
+
+
+def test_inception_score_equals_a_direct_computation_on_known_logits():
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(12, 7))
+    assert metrics.inception_score(logits) == pytest.approx(direct_inception_score(logits), rel=1e-12)
+    # images sure of 4 distinct classes, equally often: IS = 4; all alike: IS = 1
+    confident = np.repeat(100.0 * np.eye(4, 10), 3, axis=0)
+    assert metrics.inception_score(confident) == pytest.approx(4.0, rel=1e-9)
+    assert metrics.inception_score(np.tile(logits[:1], (5, 1))) == pytest.approx(1.0, rel=1e-12)
+    assert metrics.inception_score(1e4 * confident) == pytest.approx(4.0, rel=1e-9)  # no probability underflows to NaN
+    # a bootstrap resample scores the images it draws, with their own p(y)
+    indices = metrics.bootstrap_indices(len(logits), seed=0, resamples=3)
+    np.testing.assert_allclose(metrics.inception_score_bootstrap(logits, indices),
+                               [direct_inception_score(logits[idx]) for idx in indices], rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -213,6 +238,7 @@ class FakeInception(nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = FakeInceptionLayers()
+        self.output = nn.Linear(2048, 1008)  # the 1008 classes the real network's output layer has
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -230,6 +256,9 @@ def test_real_inception_path_feeds_clean_fid_scaled_299px_images(tmp_path, monke
     features = inception.embed([flat_colour, flat_colour])
     assert features.shape == (2, 2048)
     np.testing.assert_allclose(features[0, :3], [(200 - 128) / 128, (100 - 128) / 128, -1.0], atol=1e-5)
+    # the Inception Score's logits: the output layer's weight, without its bias
+    scripted = torch.jit.load(str(weight_file))
+    np.testing.assert_array_equal(inception.class_weight, scripted.output.weight.detach().numpy())
 
 
 SMALL_OPEN_CLIP = dict(

@@ -10,12 +10,13 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from style_factory.evaluate import RESULTS_SCHEMA
-from style_factory.report import TOY_BACKBONE_WARNING, write_report
+from style_factory.report import TOY_BACKBONE_WARNING, display_metrics, model_labels, write_report
 
 PROMPTS = ["a red circle on a blue background", "a small house by a lake"]
 SEEDS = [0, 1]
@@ -370,3 +371,15 @@ def test_a_noise_floor_whose_interval_says_nothing_is_left_out_and_said_so(tmp_p
     rows = parse(report).leaderboard_rows
     assert [(row[0][1], row[1][1]) for row in rows if row[1][1] == "noise-floor"] == [("watercolor", "noise-floor")]
     assert "pixel-art (2 against 1 images, interval [-100.0, 41.0])" in report.read_text(encoding="utf-8")
+
+
+def test_models_of_one_method_are_labelled_apart_and_optional_metrics_show_when_scored(tmp_path):
+    """Training seeds of one method get their own leaderboard and grid labels; CSD appears once a row has it."""
+    results = pd.DataFrame({"method": ["base", "styleboost", "styleboost"], "train_seed": [None, 1337, 1338],
+                            "step": [None, 4, 4], "sweep.learning_rate": [None, 1e-4, 1e-4]})
+    assert list(model_labels(results)) == ["base", "styleboost seed=1337", "styleboost seed=1338"]
+    results["kid"], results["inception_backbone"] = 0.01, "inception-2015-12-05"
+    results["style_sim_csd"] = math.nan
+    assert "style_sim_csd" not in [m.column for m in display_metrics(results)]
+    results.loc[1, "style_sim_csd"] = 0.4
+    assert [m.label for m in display_metrics(results)][-1] == "CSD style sim."

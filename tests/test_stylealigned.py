@@ -129,8 +129,7 @@ def test_ddim_inversion_then_sampling_reconstructs_the_reference_latent(tiny_mod
 
 def test_exported_reference_folder_loads_and_samples_the_requested_size(tiny_model, tmp_path):
     images = [noise_image(i, (64, 64)) for i in range(3)]
-    pixels = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
-    data = StyleData(pixels=pixels, roles=np.array(["ref", "ref", "aux"]), concepts=np.zeros(3, int),
+    data = StyleData(images=[np.asarray(im) for im in images], roles=np.array(["ref", "ref", "aux"]), concepts=np.zeros(3, int),
                      captions=["a first picture", "a second picture", "an aux picture"], tokens=["zwx"] * 3,
                      class_words=["style"] * 3)
     cfg = TrainConfig(method_options={"stylealigned": {"inversion_steps": STEPS, "reference_index": 1,

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from style_factory.config import Concept, StyleConfig, TrainConfig
-from style_factory.data import CURATED_SCHEMA, StyleData
+from style_factory.data import CURATED_SCHEMA, StyleData, pixel_tensor
 from style_factory.export import export_model, load_method
 from style_factory.families import get_family
 from style_factory.families.base import Components
@@ -56,7 +56,7 @@ def train_in_process(job: TrainJob, steps: int, export: bool = False) -> tuple[C
     cfg = TrainConfig.model_validate(job.train)
     method, data, models = load_method(job), job.load_data(), load_sd1(job.base_model)
     optimizer = torch.optim.AdamW(method.prepare(models, cfg), weight_decay=cfg.weight_decay)
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = encode_latent_cache(models.vae, data.images, method.image_views(cfg))
     losses = [optimisation_step(models, method, data, cache, optimizer, cfg, step, 0, torch.device("cpu"))
               for step in range(steps)]
     if export:
@@ -144,7 +144,7 @@ def test_knowledge_preservation_is_zero_at_init_and_positive_after_an_update(job
     batch = method.sample_batch(data, cfg, np.random.default_rng(0))
     assert batch.preservation_prompts and len(batch.preservation_prompts) == cfg.batch_size
     assert method.extra_losses(models, batch)["knowledge_preservation"].item() == 0.0  # LoRA B starts at zero
-    cache = encode_latent_cache(models.vae, data.pixels, method.image_views(cfg))
+    cache = encode_latent_cache(models.vae, data.images, method.image_views(cfg))
     optimisation_step(models, method, data, cache, optimizer, cfg, 0, 0, torch.device("cpu"))
     assert method.extra_losses(models, batch)["knowledge_preservation"].item() > 0
 
@@ -166,7 +166,7 @@ def test_augmentation_tokens_appear_exactly_when_their_view_is_used(job):
     cfg = TrainConfig.model_validate(job.train)
     method, models = load_method(job), load_sd1(job.base_model)
     method.prepare(models, cfg)
-    data = StyleData(pixels=torch.zeros(3, 3, 64, 64), roles=np.array(["ref"] * 3), concepts=np.zeros(3, int),
+    data = StyleData(images=[np.zeros((64, 64, 3), np.uint8)] * 3, roles=np.array(["ref"] * 3), concepts=np.zeros(3, int),
                      captions=["a", "b", "c"], tokens=["zwx"] * 3, class_words=["style"] * 3)
     views = method.image_views(cfg)
     seen = set()
@@ -182,9 +182,10 @@ def test_augmentation_tokens_appear_exactly_when_their_view_is_used(job):
 
 def test_the_cache_holds_the_augmented_images(job):
     models = load_sd1(job.base_model)
-    pixels = job.load_data().pixels
+    images = job.load_data().images
+    pixels = pixel_tensor(images)
     views = [(), ("hflip",), ("grayscale",), ("hflip", "grayscale")]
-    cache = encode_latent_cache(models.vae, pixels, views)
+    cache = torch.stack(encode_latent_cache(models.vae, images, views), dim=1)
     for index, view in enumerate([pixels, pixels.flip(-1), grayscale(pixels), grayscale(pixels.flip(-1))]):
         with torch.no_grad():
             fresh = models.vae.encode(view).latent_dist.mean

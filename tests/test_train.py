@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from style_factory.config import TrainConfig
-from style_factory.data import StyleData
+from style_factory.data import StyleData, pixel_tensor
 from style_factory.loop import encode_latent_cache, min_snr_weights, sample_latents, step_generator, training_step
 from style_factory.methods import get_method
 from tests.helpers import load_sd1
@@ -14,9 +14,8 @@ from tests.helpers import load_sd1
 
 def toy_data(n_per_role: int = 4, concepts: int = 2) -> StyleData:
     rows = [(role, c) for c in range(concepts) for role in ("ref", "aux") for _ in range(n_per_role)]
-    generator = torch.Generator().manual_seed(0)
     return StyleData(
-        pixels=torch.rand(len(rows), 3, 64, 64, generator=generator) * 2 - 1,
+        images=list(np.random.default_rng(0).integers(0, 256, (len(rows), 64, 64, 3), dtype=np.uint8)),
         roles=np.array([r for r, _ in rows]), concepts=np.array([c for _, c in rows]),
         captions=[f"caption {i}" for i in range(len(rows))],
         tokens=[["zwx", "ukj"][c] for _, c in rows], class_words=[["style", "background"][c] for _, c in rows])
@@ -34,7 +33,7 @@ def run_steps(models, cfg: TrainConfig, data: StyleData, steps: int) -> list[flo
     method = get_method("styleboost")
     groups = method.prepare(models, cfg)
     optimizer = torch.optim.AdamW(groups)
-    cache = encode_latent_cache(models.vae, data.pixels, [(), ("hflip",)])
+    cache = encode_latent_cache(models.vae, data.images, [(), ("hflip",)])
     losses = []
     for step in range(steps):
         rng, generator = step_generator(cfg.seed, step, 0)
@@ -66,17 +65,19 @@ def test_training_changes_trainable_weights_and_leaves_frozen_ones_bitwise_equal
 def test_latent_cache_equals_a_fresh_encode_for_both_flips(tiny_model):
     models = load_sd1(tiny_model)
     data = toy_data(n_per_role=2, concepts=1)
-    cache = encode_latent_cache(models.vae, data.pixels, [(), ("hflip",)], batch_size=3)
+    cache = encode_latent_cache(models.vae, data.images, [(), ("hflip",)], batch_size=3)
+    pixels = pixel_tensor(data.images)
     with torch.no_grad():
-        for flip, view in enumerate([data.pixels, data.pixels.flip(-1)]):
+        for flip, view in enumerate([pixels, pixels.flip(-1)]):
             fresh = models.vae.encode(view).latent_dist
-            torch.testing.assert_close(cache[flip, :, 0], fresh.mean, rtol=0, atol=1e-5)
-            torch.testing.assert_close(cache[flip, :, 1], fresh.std, rtol=0, atol=1e-5)
+            torch.testing.assert_close(torch.stack(cache)[:, flip, 0], fresh.mean, rtol=0, atol=1e-5)
+            torch.testing.assert_close(torch.stack(cache)[:, flip, 1], fresh.std, rtol=0, atol=1e-5)
     # Sampling from the cache is mean + std * noise, like latent_dist.sample().
     rows, flip = np.array([0, 1]), np.array([False, True])
     a = sample_latents(cache, rows, flip, 1.0, torch.Generator().manual_seed(3))
     noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a, cache[[0, 1], [0, 1], 0] + cache[[0, 1], [0, 1], 1] * noise)
+    picked = torch.stack([cache[0][0], cache[1][1]])
+    torch.testing.assert_close(a, picked[:, 0] + picked[:, 1] * noise)
 
 
 def test_styleboost_batches_bind_tokens_and_class_words_one_concept_at_a_time():
@@ -101,7 +102,7 @@ def test_styleboost_batches_bind_tokens_and_class_words_one_concept_at_a_time():
 def test_styleboost_rejects_a_concept_without_aux_images():
     data = toy_data(concepts=1)
     keep = data.roles == "ref"
-    ref_only = StyleData(data.pixels[torch.from_numpy(keep)], data.roles[keep], data.concepts[keep],
+    ref_only = StyleData([image for image, k in zip(data.images, keep) if k], data.roles[keep], data.concepts[keep],
                          data.captions, data.tokens, data.class_words)
     with pytest.raises(ValueError, match="no Aux images"):
         get_method("styleboost").check_data(ref_only, TrainConfig())

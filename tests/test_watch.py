@@ -2,7 +2,6 @@
 samples, evaluation metrics) read back with TensorBoard's own reader, and train.report_to checked at load."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
 import json
@@ -12,14 +11,16 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jobs import all_styles, train
+from jobs import train
 from style_factory.config import ConfigError, load_run_config
 from style_factory.progress import Counter, View
 from style_factory.run import REGISTRY, load_run, parse_args
 from style_factory.train import plan_training
+from tests.conftest import E2E_STYLES
 from tests.helpers import make_style
 
-STEPS = 4
+STEPS = 4  # the session run's (tests/conftest.py), and the key test's own runs
+STYLE = E2E_STYLES[0]
 
 
 def run_config(root, name: str, **train_fields) -> str:
@@ -32,15 +33,12 @@ def run_config(root, name: str, **train_fields) -> str:
 
 
 @pytest.fixture(scope="module")
-def watched_run(ray_session, tmp_path_factory):
-    """One style, StyleBoost, 4 steps with validation samples every 2, evaluated; stdout (not a terminal) kept."""
-    root = tmp_path_factory.mktemp("watch")
-    make_style(root / "styles", "ink", "qxv", n_ref=4, n_aux=4)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = all_styles.main(["--config", run_config(root, "watched", validation_every=2)])
-    assert code == 0, out.getvalue()
-    return root, root / "results" / "watched", out.getvalue()
+def watched_run(e2e_run):
+    """The session's end-to-end run (4 steps, validation samples every 2, evaluated) and what it printed."""
+    run_dir, config_path, code = e2e_run
+    out = (config_path.parent / "stdout.log").read_text()
+    assert code == 0, out
+    return config_path.parent, run_dir, out
 
 
 def events(folder) -> EventAccumulator:
@@ -53,22 +51,22 @@ def events(folder) -> EventAccumulator:
 @pytest.mark.slow
 def test_event_files_hold_training_scalars_validation_images_and_metrics(watched_run):
     _, run_dir, _ = watched_run
-    trained = events(run_dir / "tensorboard" / "ink" / "styleboost")
+    trained = events(run_dir / "tensorboard" / STYLE / "styleboost")
     tags = trained.Tags()
     for tag in ("train/loss", "train/loss/denoising", "train/lr", "train/grad_norm", "train/images_per_s"):
         assert [e.step for e in trained.Scalars(tag)] == list(range(1, STEPS + 1)), tag
-    log = [json.loads(line) for line in (run_dir / "logs" / "ink" / "styleboost" / "train_log.jsonl").open()]
+    log = [json.loads(line) for line in (run_dir / "logs" / STYLE / "styleboost" / "train_log.jsonl").open()]
     assert [round(e.value, 4) for e in trained.Scalars("train/loss")] == [round(e["loss"], 4) for e in log]
     assert trained.Scalars("train/lr")[0].value == pytest.approx(1e-4)
     assert all(e.value > 0 for e in trained.Scalars("train/grad_norm") + trained.Scalars("train/images_per_s"))
     assert {"validation/0", "validation/1"} <= set(tags["images"])
     assert [e.step for e in trained.Images("validation/0")] == [2, 4]
     assert trained.Images("validation/0")[0].width == 64
-    results = json.loads((run_dir / "models" / "ink" / "styleboost" / "model_card.json").read_text())["metrics"]
+    results = json.loads((run_dir / "models" / STYLE / "styleboost" / "model_card.json").read_text())["metrics"]
     [kid] = trained.Scalars("eval/kid")
     assert kid.step == STEPS and kid.value == pytest.approx(results["kid"])
     assert {"eval/fid", "eval/clip_t", "eval/style_sim", "eval/kid_vs_base"} <= set(tags["scalars"])
-    base = events(run_dir / "tensorboard" / "ink" / "base")
+    base = events(run_dir / "tensorboard" / STYLE / "base")
     assert [e.step for e in base.Scalars("eval/kid")] == [0]
 
 
@@ -76,8 +74,9 @@ def test_event_files_hold_training_scalars_validation_images_and_metrics(watched
 @pytest.mark.slow
 def test_non_tty_run_prints_plain_progress_lines_with_counts(watched_run):
     _, _, out = watched_run
-    assert "[progress] train: 4/4 steps trained, 1/1 models, done in" in out
-    assert "[progress] sample: 8/8 images sampled, done in" in out  # base and styleboost, 2 prompts x 2 seeds
+    assert "[progress] train: 8/8 steps trained, 2/2 models, done in" in out  # 2 styles x 4 StyleBoost steps
+    # per style: base, StyleBoost and StyleAligned, 2 prompts x 2 seeds
+    assert "[progress] sample: 24/24 images sampled, done in" in out
     assert re.search(r"\[progress\] curate: (\d+)/\1 images decoded", out)
     assert "\r" not in out and "\x1b[" not in out  # no bar redraws, no terminal codes in a log
 
@@ -87,12 +86,16 @@ def test_non_tty_run_prints_plain_progress_lines_with_counts(watched_run):
 def test_tracking_and_validation_leave_training_bitwise_unchanged(watched_run):
     """The same job with no tracker and no validation trains the same weights and losses, bit for bit."""
     root, run_dir, _ = watched_run
-    assert train.main(["--config", run_config(root, "unwatched", report_to=[], validation_every=0)]) == 0
+    config = yaml.safe_load((root / "run.yaml").read_text())
+    config["name"] = "unwatched"
+    config["train"].update(report_to=[], validation_every=0)
+    (root / "unwatched.yaml").write_text(yaml.safe_dump(config))
+    assert train.main(["--config", str(root / "unwatched.yaml"), "--style", STYLE]) == 0
     plain_dir = root / "results" / "unwatched"
     assert not (plain_dir / "tensorboard").exists()
-    log = "logs/ink/styleboost/train_log.jsonl"
+    log = f"logs/{STYLE}/styleboost/train_log.jsonl"
     assert (plain_dir / log).read_text() == (run_dir / log).read_text()
-    cards = [json.loads((d / "models" / "ink" / "styleboost" / "model_card.json").read_text())
+    cards = [json.loads((d / "models" / STYLE / "styleboost" / "model_card.json").read_text())
              for d in (run_dir, plain_dir)]
     assert cards[0]["files"] == cards[1]["files"]  # every exported file's sha256
 

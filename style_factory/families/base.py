@@ -110,6 +110,8 @@ class Family:
     name: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     pipeline_class_name: ClassVar[str]  # model_index.json's `_class_name` of a base model of this family
+    # diffusers' ControlNet pipeline for this family (StyleAligned's `control`); None: the family has none
+    controlnet_pipeline_class: ClassVar[type[DiffusionPipeline] | None] = None
     text_encoder_classes: ClassVar[dict[str, type]]  # component name -> transformers class, in order
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)  # one per text encoder, in the same order
     default_resolution: ClassVar[int]

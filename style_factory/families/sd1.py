@@ -3,7 +3,8 @@ conditioned on its last hidden state, epsilon prediction, 512 px. The base class
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from style_factory.families.base import CLIP_VOCAB_SIZE, SD_SCHEDULE, Family, clip_tokenizer
@@ -31,6 +32,7 @@ class SD1(Family):
     name = "sd1"
     pipeline_class = StableDiffusionPipeline
     pipeline_class_name = "StableDiffusionPipeline"
+    controlnet_pipeline_class = StableDiffusionControlNetPipeline  # SD 2.x's too
     text_encoder_classes = {"text_encoder": CLIPTextModel}
     default_resolution = 512
     linear_projection = False  # SD 2.x has the same pipeline class; its UNet alone projects attention linearly

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from style_factory.data import ImageGeometry
@@ -45,6 +46,7 @@ class SDXL(Family):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
     pipeline_class_name = "StableDiffusionXLPipeline"
+    controlnet_pipeline_class = StableDiffusionXLControlNetPipeline
     text_encoder_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     tokenizer_names = ("tokenizer", "tokenizer_2")
     default_resolution = 1024
@@ -98,6 +100,5 @@ class SDXL(Family):
 
 def time_ids_of(geometry: ImageGeometry) -> np.ndarray:
     """(B, 6) float32: original (h, w), crop (top, left), target (h, w): SDXL's `add_time_ids` order."""
-    target = np.broadcast_to(np.asarray(geometry.target_size, np.float32), (len(geometry.original_sizes), 2))
-    return np.concatenate([geometry.original_sizes.astype(np.float32),
-                           geometry.crops_top_left.astype(np.float32), target], axis=1)
+    return np.concatenate([geometry.original_sizes, geometry.crops_top_left, geometry.target_sizes],
+                          axis=1).astype(np.float32)

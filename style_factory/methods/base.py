@@ -96,6 +96,11 @@ class Method:
         The last one is the model that is evaluated (it keeps `job`'s key and model_dir). Default: one round."""
         yield job
 
+    def first_round_settings(self, settings: dict) -> dict:
+        """The part of a job's settings (TrainConfig.model_dump) that its rounds before the last depend on, which
+        keys them (TrainJob.first_round_key). Default: all of them."""
+        return settings
+
     def eval_prompt(self, content: str, style: StyleConfig) -> str:
         """The prompt that asks this method's model for `content` in the style."""
         raise NotImplementedError

@@ -9,25 +9,32 @@ the reference's statistics. The reference is one of (`reference`):
   `reference_prompt` (default: the reference image's caption and the style's descriptor) and `reference_seed`.
   It attends to itself only, so every set of the model shares the same reference.
 
-The "model" is the base model plus that reference: a folder with the reference image, its prompt, the options, and
-(inverted) the trajectory for `inversion_steps`.
+With `control: canny | depth` the set also follows a structure map through a ControlNet (the paper's third
+application): the map is computed once, offline, from `control_image` (Canny edges, or a configured depth model's
+depth: style_factory/control.py), every target gets its residual at `control_scale`, and the reference row a zero
+residual, so the reference is denoised as without ControlNet. The family's ControlNet pipeline (its
+`controlnet_pipeline_class`) shares the base pipeline's components.
+
+The "model" is the base model plus that reference: a folder with the reference image, its prompt, the options,
+(inverted) the trajectory for `inversion_steps`, and (control) the structure map `control.png`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMInverseScheduler, DiffusionPipeline
+from diffusers import ControlNetModel, DDIMInverseScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from style_factory.config import StyleConfig, TrainConfig
+from style_factory.config import ConfigPath, StyleConfig, TrainConfig
+from style_factory.control import canny_map, depth_map, zero_reference_residuals
 from style_factory.data import StyleData
 from style_factory.families.base import Family
 from style_factory.methods.base import Method
@@ -45,6 +52,30 @@ class StyleAlignedOptions(BaseModel):
     reference: Literal["inverted", "generated"] = "inverted"  # a real image inverted, or the set's first image
     reference_prompt: str | None = None  # generated: None = the reference image's caption, then the descriptor
     reference_seed: int = 0  # generated: the seed of the reference's noise
+    control: Literal["none", "canny", "depth"] = "none"  # a structure map every target follows, through a ControlNet
+    controlnet: Annotated[str | None, ConfigPath(model=True)] = None  # its hub id or local diffusers folder
+    control_image: Annotated[str | None, ConfigPath()] = None  # the content image the map is computed from
+    control_scale: float = Field(0.8, ge=0)  # the targets' controlnet_conditioning_scale (the paper: depth at 0.8)
+    canny_low: int = Field(100, ge=0, le=255)  # Canny's hysteresis thresholds
+    canny_high: int = Field(200, ge=0, le=255)
+    depth_model: Annotated[str | None, ConfigPath(model=True)] = None  # depth: a transformers depth-estimation model
+
+    @model_validator(mode="after")
+    def _control_complete(self) -> StyleAlignedOptions:
+        if self.control == "none":
+            if self.controlnet or self.control_image or self.depth_model:
+                raise ValueError("controlnet / control_image / depth_model are for control: canny or depth")
+            return self
+        if not (self.controlnet and self.control_image):
+            raise ValueError(f"control: {self.control} needs controlnet (a ControlNet's hub id or local folder) and "
+                             "control_image (the content image whose structure the set follows)")
+        if self.control == "depth" and not self.depth_model:
+            raise ValueError("control: depth needs depth_model (a transformers depth-estimation model, hub id or "
+                             "local folder, e.g. Intel/dpt-hybrid-midas), and none is configured; or use "
+                             "control: canny, which needs no model")
+        if self.control == "canny" and not self.canny_low < self.canny_high:
+            raise ValueError("canny_low must be below canny_high")
+        return self
 
 
 def adain(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -128,13 +159,18 @@ class StyleAlignedSampler:
     to itself only and each target to itself and the reference, so how a set is cut into calls does not change it."""
 
     def __init__(self, pipe: DiffusionPipeline, reference: Image.Image | None, caption: str,
-                 opts: StyleAlignedOptions, trajectory: torch.Tensor | None):
+                 opts: StyleAlignedOptions, trajectory: torch.Tensor | None,
+                 control: tuple[DiffusionPipeline, Image.Image] | None = None):
         """`reference`, `trajectory`: the inverted image and its stored inversion; None in generated mode, where
-        `caption` is the reference's prompt."""
+        `caption` is the reference's prompt. `control`: the family's ControlNet pipeline around `pipe`'s components
+        and the structure map the targets follow; None: no ControlNet."""
         self.pipe, self.reference, self.caption, self.opts = pipe, reference, caption, opts
         self.processor = SharedAttnProcessor(opts)
         pipe.unet.set_attn_processor({name: self.processor if name.endswith("attn1.processor") else processor
                                       for name, processor in pipe.unet.attn_processors.items()})
+        self.control = control
+        if control is not None:
+            zero_reference_residuals(control[0].controlnet, lambda: self.processor.images_per_group)
         self.trajectories = {} if trajectory is None else {(opts.inversion_steps, *reference.size): trajectory}
 
     def trajectory(self, steps: int, height: int, width: int) -> torch.Tensor:
@@ -170,9 +206,14 @@ class StyleAlignedSampler:
         noise = randn_tensor((len(prompt), *start.shape[1:]), generator=generator, device=self.pipe.device,
                              dtype=start.dtype)
         self.processor.images_per_group = 1 + len(prompt)
-        output = self.pipe([self.caption] + list(prompt), latents=torch.cat([start, noise]), height=height,
-                           width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           output_type=output_type, callback_on_step_end=callback)
+        pipe, controls = self.pipe, {}
+        if self.control is not None:  # the reference row's residual is zeroed (zero_reference_residuals)
+            pipe, structure = self.control
+            controls = {"image": structure.resize((width, height), Image.Resampling.BICUBIC),
+                        "controlnet_conditioning_scale": self.opts.control_scale}
+        output = pipe([self.caption] + list(prompt), latents=torch.cat([start, noise]), height=height,
+                      width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      output_type=output_type, callback_on_step_end=callback, **controls)
         output.images = output.images[1:]
         return output
 
@@ -194,12 +235,16 @@ class StyleAligned(Method):
         if opts.reference == "generated":  # drawn with each set, at its steps and guidance: nothing to store
             caption = opts.reference_prompt or self.eval_prompt(data.captions[row], self.style)
         else:
-            pixels = ((data.pixels[row] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            reference, caption = Image.fromarray(pixels), data.captions[row]
+            reference, caption = Image.fromarray(data.images[row]), data.captions[row]
             trajectory = ddim_invert(family.load_pipeline(base_model, device), reference, caption,
                                      opts.inversion_steps, opts.inversion_guidance_scale)
             save_file({"latents": trajectory.cpu().contiguous()}, out_dir / "trajectory.safetensors")
             reference.save(out_dir / "reference.png")
+        if opts.control != "none":
+            content = Image.open(opts.control_image).convert("RGB")
+            structure = (canny_map(content, opts.canny_low, opts.canny_high) if opts.control == "canny"
+                         else depth_map(content, opts.depth_model, device))
+            structure.save(out_dir / "control.png")
         (out_dir / "reference.json").write_text(json.dumps({"caption": caption, "options": opts.model_dump()}))
 
     def load_for_sampling(self, family: Family, base_model: str, model_dir: str, device: str) -> StyleAlignedSampler:
@@ -207,10 +252,17 @@ class StyleAligned(Method):
         meta = json.loads((folder / "reference.json").read_text())
         opts = StyleAlignedOptions.model_validate(meta["options"])
         pipe = family.load_pipeline(base_model, device)
+        control = None
+        if opts.control != "none":
+            if family.controlnet_pipeline_class is None:
+                raise ValueError(f"control: {opts.control}: the {family.name} family has no ControlNet pipeline")
+            controlnet = ControlNetModel.from_pretrained(opts.controlnet).to(device)
+            control = (family.controlnet_pipeline_class.from_pipe(pipe, controlnet=controlnet),
+                       Image.open(folder / "control.png").convert("RGB"))
         if opts.reference == "generated":
-            return StyleAlignedSampler(pipe, None, meta["caption"], opts, None)
+            return StyleAlignedSampler(pipe, None, meta["caption"], opts, None, control)
         return StyleAlignedSampler(pipe, Image.open(folder / "reference.png").convert("RGB"), meta["caption"], opts,
-                                   load_file(folder / "trajectory.safetensors")["latents"].to(device))
+                                   load_file(folder / "trajectory.safetensors")["latents"].to(device), control)
 
     def eval_prompt(self, content: str, style: StyleConfig) -> str:
         """The base model's prompt (content + descriptor): the shared attention alone carries the reference."""

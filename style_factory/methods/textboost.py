@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from style_factory.config import StyleConfig, TrainConfig
 from style_factory.data import StyleData
 from style_factory.families.base import Components, Family, unwrapped
-from style_factory.lora import add_lora, save_lora
+from style_factory.lora import add_lora, load_adapter, save_lora
 from style_factory.methods.base import Batch, Method
 
 TRAIN_PROMPT = "{caption}, {placeholder}"  # the untuned baseline is asked for "<content>, <descriptor>"
@@ -59,6 +60,8 @@ class TextBoostOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(4, ge=1)
     alpha: float = Field(4.0, gt=0)
+    # peft's kind (style_factory/lora.py); no LoKr: diffusers has no LoKr loader for a text encoder
+    adapter: Literal["lora", "dora"] = "lora"
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     embedding_learning_rate: float = Field(1e-3, gt=0)  # the LoRA uses text_encoder_learning_rate or learning_rate
     kpl_weight: float = Field(0.1, ge=0)
@@ -109,7 +112,7 @@ class TextBoost(Method):
         self.new_rows = []  # per text encoder: (its embedding matrix, the new rows' ids, their norm bound)
         lora, embedding_groups = [], []
         for tokenizer, encoder in models.encoder_pairs():
-            lora += add_lora(encoder, opts.rank, opts.alpha, opts.target_modules)
+            lora += add_lora(encoder, opts.rank, opts.alpha, opts.target_modules, opts.adapter)
             vocabulary = encoder.get_input_embeddings().weight.detach()  # before the new rows
             init_vectors = []
             for token, phrase in init_phrases.items():
@@ -150,7 +153,7 @@ class TextBoost(Method):
 
     def sample_batch(self, data: StyleData, cfg: TrainConfig, rng: np.random.Generator) -> Batch:
         opts = self.options(cfg)
-        ref = np.flatnonzero(data.roles == "ref")
+        ref = data.indices("ref")
         rows = rng.choice(ref, cfg.batch_size, replace=len(ref) < cfg.batch_size)
         fired = rng.random((len(rows), len(AUGMENTATIONS))) < opts.augment_probability
         views = self.image_views(cfg)
@@ -229,5 +232,5 @@ class TextBoost(Method):
         pipe = family.load_pipeline(base_model, device)
         for path in sorted((Path(model_dir) / "embeddings").glob("*.safetensors")):
             family.load_embeddings(pipe, path)
-        pipe.load_lora_weights(model_dir)
+        load_adapter(pipe, model_dir)
         return pipe

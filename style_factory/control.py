@@ -1,0 +1,46 @@
+"""Structure maps for ControlNet (StyleAligned's `control`), computed offline from a content image, and the hook that
+gives a batch's reference rows a zero ControlNet residual.
+
+- canny: OpenCV's Canny edges of the image in grayscale (white edges on black, as the canny ControlNets were trained);
+- depth: a transformers depth-estimation model (DPT, Depth Anything...) from a local folder, its depth normalised to
+  0-255 (near is bright, as the depth ControlNets were trained).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+
+def canny_map(image: Image.Image, low: int, high: int) -> Image.Image:
+    """Canny edges of `image` with hysteresis thresholds `low` < `high`, as a 3-channel image."""
+    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
+    return Image.fromarray(np.repeat(edges[..., None], 3, axis=-1))
+
+
+def depth_map(image: Image.Image, model_folder: str, device: str) -> Image.Image:
+    """The depth a transformers depth-estimation model (a local folder) sees in `image`, 0-255, as a 3-channel image."""
+    from transformers import pipeline  # imported here: only a depth control needs it
+
+    estimate = pipeline("depth-estimation", model=model_folder, device=device)
+    depth = np.asarray(estimate(image.convert("RGB"))["depth"], dtype=np.float32)
+    span = float(depth.max() - depth.min()) or 1.0
+    depth = ((depth - depth.min()) / span * 255).round().astype(np.uint8)
+    return Image.fromarray(np.repeat(depth[..., None], 3, axis=-1)).resize(image.size, Image.Resampling.BICUBIC)
+
+
+def zero_reference_residuals(controlnet: torch.nn.Module, group_size: Callable[[], int]) -> None:
+    """Make `controlnet`'s residuals zero on every reference row: the batch is made of groups of `group_size()` rows,
+    each led by its reference (under classifier-free guidance, two such groups), so the reference is denoised as by
+    the plain model while its targets follow the structure map."""
+    def hook(_module, _args, output):
+        down, mid = output
+        keep = torch.ones(mid.shape[0], dtype=mid.dtype, device=mid.device)
+        keep[::group_size()] = 0
+        keep = keep.view(-1, 1, 1, 1)
+        return [sample * keep for sample in down], mid * keep
+
+    controlnet.register_forward_hook(hook)
