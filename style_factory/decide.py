@@ -72,8 +72,9 @@ class Candidate:
 
 def setting_columns(results: pd.DataFrame) -> list[str]:
     """The columns that tell two models of one method apart (a checkpoint's `step`, a sweep's values): those the
-    results schema does not define, but the training seed."""
-    return [c for c in results.columns if c not in RESULTS_SCHEMA.names and c != SEED_COLUMN]
+    results schema does not define, but the training seed, where `results` holds more than one value."""
+    return [c for c in results.columns if c not in RESULTS_SCHEMA.names and c != SEED_COLUMN
+            and results[c].dropna().nunique() > 1]
 
 
 def model_features(features: pd.DataFrame, row: pd.Series) -> tuple[list, np.ndarray]:

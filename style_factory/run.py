@@ -225,8 +225,7 @@ def start_ray() -> bool:
             dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "not running"
             print(f"[ray] joined the cluster at {context.address_info['address']}; dashboard: {dashboard}", flush=True)
         else:
-            # Worker logs stay in Ray's log folder; stage outcomes and errors reach the driver as results.
-            context = ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+            context = start_local_ray(env_vars)
             print(f"[ray] local instance started; worker logs in {context.address_info['session_dir']}/logs",
                   flush=True)
     except BaseException:  # a Ctrl-C halfway through start-up: stop what did start
@@ -235,6 +234,22 @@ def start_ray() -> bool:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     return True
+
+
+def start_local_ray(env_vars: dict[str, str], attempts: int = 2):
+    """A local Ray instance, its worker logs kept in Ray's log folder (stage outcomes and errors reach the driver as
+    results). Ray gives its raylet 30 s to register, which a machine busy with other work can miss: then once more."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+            print("[ray] the local instance did not start within Ray's 30 s (a busy machine?): starting it again",
+                  flush=True)
 
 
 def run_job(args: argparse.Namespace, stages: Callable[[Run], int], uses_ray: bool = True) -> int:

@@ -314,3 +314,27 @@ def test_a_full_disk_names_the_path_and_the_free_space_and_cleans_up(scenarios):
     assert result["summary"] == {"ink": {"curate": message.group(0)}}
     assert result["leftovers"] == []
     assert result["ray_left"] == []
+
+
+def test_a_local_ray_that_misses_its_start_up_deadline_is_started_once_more(monkeypatch, capsys):
+    import ray
+
+    from style_factory.run import start_local_ray
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        return "context"
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    assert start_local_ray({"A": "1"}) == "context"
+    assert calls[1] == "shutdown" and calls[2]["runtime_env"] == {"env_vars": {"A": "1"}}
+    assert "starting it again" in capsys.readouterr().out
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(ValueError("another problem")))
+    with pytest.raises(ValueError, match="another problem"):
+        start_local_ray({})
