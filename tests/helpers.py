@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -57,3 +58,14 @@ def opened(config: Path):
     run = load_run(parse_args("a test's run", ["--config", str(config)]))
     run.open()
     return run
+
+
+ADAPTER_PROMPT = "a red circle on a blue background, <zwx>"  # TextBoost's token; StyleDrop reads it as plain text
+
+
+def adapter_outputs(models, family) -> tuple[torch.Tensor, torch.Tensor]:
+    """ADAPTER_PROMPT's conditioning and the denoiser's prediction on fixed noise: what a trained adapter changes."""
+    latents = torch.randn(1, models.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        conditioning = family.encode_prompts(models, [ADAPTER_PROMPT], torch.device("cpu"))
+        return conditioning.hidden_states, family.denoise(models, latents, torch.tensor([500]), conditioning)

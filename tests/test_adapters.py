@@ -21,17 +21,17 @@ from style_factory.methods.styledrop import StyleDropOptions
 from style_factory.methods.textboost import TextBoostOptions
 from tests.key_rules import a1111_merged, a1111_unresolved, comfyui_merged, comfyui_unresolved
 from tests.real_shapes import sd15_modules
+from tests.helpers import adapter_outputs
 
 STYLE = StyleConfig(display_name="Ink", descriptor="ink wash painting",
                     concepts=[Concept(token="zwx", class_word="style")])
-PROMPT = "a red circle on a blue background, <zwx>"
 CASES = [("styledrop", "dora"), ("styledrop", "lokr"), ("textboost", "dora")]
 
 
 def trained(tiny_model: str, method_name: str, kind: str):
     """One optimiser step (Adam moves every adapter weight by about the learning rate: enough to change the output) of
     the method with the adapter `kind` (rank 4, alpha 2: a lost alpha / rank shows), on one 32 px image: 8 x 8
-    latents, the size `outputs` checks at."""
+    latents, the size `adapter_outputs` checks at."""
     family = get_family("sd1")
     cfg = TrainConfig(batch_size=1, learning_rate=1e-2, method_options={
         method_name: {"rank": 4, "alpha": 2.0, "adapter": kind, **({"feedback": False} if method_name == "styledrop"
@@ -47,13 +47,6 @@ def trained(tiny_model: str, method_name: str, kind: str):
     return family, method, models, cfg
 
 
-def outputs(family, models) -> tuple[torch.Tensor, torch.Tensor]:
-    latents = torch.randn(1, models.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        conditioning = family.encode_prompts(models, [PROMPT], torch.device("cpu"))
-        return conditioning.hidden_states, family.denoise(models, latents, torch.tensor([500]), conditioning)
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{k}" for m, k in CASES])
 def case(request, tiny_model, tmp_path_factory):
     """(family, method, models, cfg, export folder, trained outputs) of one trained case, exported: each case is
@@ -61,7 +54,7 @@ def case(request, tiny_model, tmp_path_factory):
     family, method, models, cfg = trained(tiny_model, *request.param)
     out = tmp_path_factory.mktemp(f"{request.param[0]}-{request.param[1]}")
     method.export(None, models, out, cfg)
-    return family, method, models, cfg, out, outputs(family, models)
+    return family, method, models, cfg, out, adapter_outputs(models, family)
 
 
 @pytest.mark.slow
@@ -70,7 +63,7 @@ def test_the_adapter_trains_and_diffusers_loads_it_as_trained(case, tiny_model):
     adapted = [models.module(name) for name in method.trained_modules(models, cfg)]
     for module in adapted:
         module.disable_adapters()
-    untuned = outputs(family, models)
+    untuned = adapter_outputs(models, family)
     for module in adapted:
         module.enable_adapters()
     assert max(float((a - b).abs().max()) for a, b in zip(expected, untuned)) > 1e-3  # training moved it
@@ -79,7 +72,7 @@ def test_the_adapter_trains_and_diffusers_loads_it_as_trained(case, tiny_model):
     parts.unet, parts.text_encoders = pipe.unet, {"text_encoder": pipe.text_encoder}
     if method.name == "textboost":  # its new tokens come from the embedding files load_for_sampling read
         parts.tokenizers = {"text_encoder": pipe.tokenizer}
-    for ours, theirs in zip(expected, outputs(family, parts)):
+    for ours, theirs in zip(expected, adapter_outputs(parts, family)):
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 

@@ -13,10 +13,10 @@ from style_factory.families.base import Components
 from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE
 from style_factory.methods import get_method
 from style_factory.models import PRESETS, resolve_base_model
+from tests.helpers import adapter_outputs
 
 STYLE = StyleConfig(display_name="Ink", descriptor="ink wash painting",
                     concepts=[Concept(token="zwx", class_word="style")])
-PROMPT = "a red circle on a blue background, <zwx>"  # TextBoost's token; StyleDrop reads it as plain text
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,8 @@ def trained(method_name: str, preset: str, base: str):
     return family, method, models, cfg
 
 
-def outputs(models, family) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's conditioning and the denoiser's prediction on fixed noise."""
-    latents = torch.randn(1, models.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        conditioning = family.encode_prompts(models, [PROMPT], torch.device("cpu"))
-        return conditioning.hidden_states, family.denoise(models, latents, torch.tensor([500]), conditioning)
-
-
 def pipeline_parts(family, pipe) -> Components:
-    """The parts of a sampling pipeline as the Components `outputs` reads."""
+    """The parts of a sampling pipeline as the Components `adapter_outputs` reads."""
     return Components(family=family, vae=pipe.vae, unet=pipe.unet, noise_scheduler=pipe.scheduler, source="",
                       text_encoders={name: getattr(pipe, name) for name in family.text_encoder_classes},
                       tokenizers={name: getattr(pipe, name) for name in family.tokenizer_names})
@@ -64,18 +56,18 @@ def test_diffusers_loads_the_exported_lora_exactly_as_trained(tmp_path, base_mod
     family, method, models, cfg = trained(method_name, preset, base_models[preset])
     method.export(None, models, tmp_path, cfg)
     assert (tmp_path / DIFFUSERS_FILE).read_bytes() == (tmp_path / KOHYA_FILE).read_bytes()
-    expected = outputs(models, family)
+    expected = adapter_outputs(models, family)
     adapted = [models.module(name) for name in method.trained_modules(models, cfg)]
     for module in adapted:
         module.disable_adapters()
-    untuned = outputs(models, family)
+    untuned = adapter_outputs(models, family)
     assert max((a - b).abs().max() for a, b in zip(expected, untuned)) > 1e-2  # so a dropped layer would show
     pipe = method.load_for_sampling(family, base_models[preset], str(tmp_path), "cpu")  # load_lora_weights(folder)
     for weight_name in (DIFFUSERS_FILE, KOHYA_FILE):  # the folder's default file, then the other name
         if weight_name == KOHYA_FILE:
             pipe.unload_lora_weights()
             pipe.load_lora_weights(tmp_path, weight_name=weight_name)
-        for ours, theirs in zip(expected, outputs(pipeline_parts(family, pipe), family)):
+        for ours, theirs in zip(expected, adapter_outputs(pipeline_parts(family, pipe), family)):
             torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5, msg=weight_name)
 
 
