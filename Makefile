@@ -26,7 +26,7 @@ curate train evaluate report: $(STAMP)  ## one stage alone
 
 # pytest in TEST_WORKERS processes, a module's tests in one (tests/conftest.py: pytest_xdist_make_scheduler)
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
 test: $(STAMP)  ## every test (CI runs exactly this)
 	$(PYTEST) --durations=15
 

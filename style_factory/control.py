@@ -21,6 +21,16 @@ def canny_map(image: Image.Image, low: int, high: int) -> Image.Image:
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=-1))
 
 
+def edge_alignment(image: Image.Image, control: Image.Image, band: int = 2, low: int = 50, high: int = 150) -> float:
+    """How closely `image` follows the edge map `control`: the share of the image's own Canny edges (`low`/`high`)
+    that lie within `band` pixels of the control's edges (0 when the image has no edges). An image that ignores the
+    control scores about the band's share of the image."""
+    edges = np.asarray(canny_map(image, low, high))[..., 0] > 0
+    control_edges = np.asarray(control.convert("L").resize(image.size, Image.Resampling.NEAREST))
+    near = cv2.dilate(control_edges, np.ones((2 * band + 1, 2 * band + 1), np.uint8)) > 0
+    return float((edges & near).sum() / edges.sum()) if edges.any() else 0.0
+
+
 def depth_map(image: Image.Image, model_folder: str, device: str) -> Image.Image:
     """The depth a transformers depth-estimation model (a local folder) sees in `image`, 0-255, as a 3-channel image."""
     from transformers import pipeline  # imported here: only a depth control needs it

@@ -196,10 +196,11 @@ def decode_all(paths: list[Path], cfg: CurateConfig, resolution: int) -> dict[st
         return {}
     progress.report("curate", {str(p): (0, 1) for p in paths})
     dataset = ray.data.from_items([{"path": str(p)} for p in paths])
+    actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), -(-len(paths) // 8)))  # all started at once
     decoded = dataset.map_batches(DecodeBatch, fn_constructor_kwargs={"cfg": cfg.model_dump(),
                                   "resolution": resolution}, batch_size=8,
-                                  compute=ray.data.ActorPoolStrategy(
-                                      min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
+                                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors,
+                                                                     initial_size=actors))
     return {row["path"]: row for row in decoded.iter_rows()}
 
 

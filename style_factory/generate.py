@@ -155,9 +155,10 @@ def generate_all(jobs: list[SampleJob], gpus_per_task: float = 0,
             actors, per_actor = int(resources.get("CPU", 1)), {"num_cpus": 1}
         # as many blocks as models, in order: an actor takes a block whole, so it loads each model about once
         rows = ray.data.from_items([{"batch": i} for i in range(len(batches))], override_num_blocks=len(todo))
+        pool = max(1, min(actors, len(batches)))  # all started at once: none waits for the pool to scale up
         results = rows.map_batches(
             Sampler, fn_constructor_kwargs={"jobs": todo, "batches": batches, "device": device}, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, len(batches)))), **per_actor,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool), **per_actor,
         ).take_all()
         for row in results:
             if row["error"]:

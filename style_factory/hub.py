@@ -3,7 +3,8 @@
 A run names models in these fields: `model.base` (a preset, a local diffusers folder or a hub id), `curate.captioner`
 (a hub id or a folder), and the metric backbones `evaluate.inception` / `clip` / `dino` / `csd` and any method's
 `clip` option (StyleDrop's scorer), each "auto", "toy" (CSD: "off") or a weight file, and the method options that
-name a model (StyleAligned's `controlnet` and `depth_model`: a hub id or a folder). `resolve_models` finds each
+name a model (StyleAligned's `controlnet` and `depth_model`: a hub id, a folder, or a model shipped in
+`style_factory/assets/`: `tiny-controlnet-canny`). `resolve_models` finds each
 locally, never asking the network:
 - a hub id in `<model.models_dir>/<org>/<name>` (a copied folder), then in `model.models_dir` laid out as a Hugging
   Face cache, then in the Hugging Face cache (HF_HOME / HF_HUB_CACHE), with `local_files_only`;
@@ -28,7 +29,7 @@ from huggingface_hub.utils import validate_repo_id
 from style_factory.config import ConfigError, ConfigPath, RunConfig, Style
 from style_factory.families import FAMILIES, Family, get_family
 from style_factory.methods import METHODS
-from style_factory.models import PRESETS, detect_family
+from style_factory.models import PRESETS, detect_family, shipped_model
 
 # What every Ray worker runs with: libraries load from the folders resolved here and never wait on the network.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -135,7 +136,9 @@ def locate(field_name: str, value: str, config: RunConfig, check: Callable[[Path
     """The local folder of a model named by folder or hub id, or why it is missing; downloads with allow_downloads.
     `check(folder)` lists the files a folder lacks."""
     model = config.model
-    if Path(value).is_dir():
+    if (shipped := shipped_model(value)) is not None:  # tiny-controlnet-canny
+        folder, looked = shipped, []
+    elif Path(value).is_dir():
         folder, looked = Path(value), []
     elif Path(value).is_absolute():
         return None, Missing(field_name, value, "folder does not exist")

@@ -20,6 +20,7 @@ from style_factory.files import make_temp_dir, sha256_of
 
 TINY_PRETRAINED = "tiny-pretrained"
 TINY_PRETRAINED_DIR_NAME = "tiny-pretrained"
+TINY_CONTROLNET_CANNY = "tiny-controlnet-canny"  # tiny-pretrained's Canny ControlNet (scripts/train_tiny_controlnet.py)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the shipped weights (scripts/train_tiny_pretrained.py)
 TINY_VERSION = "v2"  # bump when a tiny config changes: cached preset folders are keyed by it
 PRESET_RESOLUTION = 64
@@ -27,11 +28,20 @@ PRESET_RESOLUTION = 64
 PRESETS = {TINY_PRETRAINED: "sd1", **{family.tiny_preset: name for name, family in FAMILIES.items()}}
 
 
+SHIPPED = {TINY_PRETRAINED: TINY_PRETRAINED_DIR_NAME, TINY_CONTROLNET_CANNY: TINY_CONTROLNET_CANNY}  # name -> assets/
+
+
+def shipped_model(name: str) -> Path | None:
+    """The folder in `style_factory/assets/` of a model shipped with the package (`tiny-pretrained`, and
+    `tiny-controlnet-canny` for StyleAligned's `controlnet`); None for any other name."""
+    return ASSETS_DIR / SHIPPED[name] if name in SHIPPED else None
+
+
 def resolve_base_model(base: str, cache_dir: str | Path) -> str:
     """What `from_pretrained` should load: a preset's folder (a random one is written once), a local folder or a
     hub id."""
     if base == TINY_PRETRAINED:
-        return str(ASSETS_DIR / TINY_PRETRAINED_DIR_NAME)
+        return str(shipped_model(base))
     if base not in PRESETS:
         return base
     folder = Path(cache_dir) / f"{base}-{TINY_VERSION}"

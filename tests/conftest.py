@@ -67,21 +67,51 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.ray)
 
 
+# The longest work units of `make test`, longest first (its --durations, a module's fixtures and tests together):
+# dealt first, so that the two workers end together. A module not named here follows them, `ray` modules first.
+LONGEST_FIRST = ["tests/test_faults.py", "tests/test_run_lifecycle.py", "e2e_run", "tests/test_reuse.py",
+                 "tests/test_families_e2e.py", "tests/test_pretrained.py", "tests/test_methods_e2e.py",
+                 "tests/test_fan_out.py", "tests/test_bench_gpu.py", "tests/test_model_variants.py"]
+
+
+def work_unit(nodeid: str) -> str:
+    """What one xdist worker runs in one go: a module, or every module that reads the session's `e2e_run`."""
+    module = nodeid.split("::", 1)[0]
+    return "e2e_run" if module in E2E_RUN_MODULES else module
+
+
 def pytest_collection_modifyitems(items):
-    """Modules with `ray` tests first: they are the long ones, and the quick ones then fill the workers' ends."""
-    ray_modules = {item.module.__name__ for item in items if item.get_closest_marker("ray")}
-    items.sort(key=lambda item: item.module.__name__ not in ray_modules)  # stable: the order within stays
+    """The work units in the order they are dealt: LONGEST_FIRST, then modules with `ray` tests, then the rest, so
+    that the quick ones fill the workers' ends."""
+    ray_units = {work_unit(item.nodeid) for item in items if item.get_closest_marker("ray")}
+
+    def rank(item) -> tuple[int, int]:
+        unit = work_unit(item.nodeid)
+        return (LONGEST_FIRST.index(unit), 0) if unit in LONGEST_FIRST else (len(LONGEST_FIRST), unit not in ray_units)
+
+    items.sort(key=rank)  # stable: the order within a unit stays
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`pytest -n N` (`make test`): a module's tests run in one worker, so its module fixtures are built once, and
-    the E2E_RUN_MODULES share one."""
+    """`pytest -n N` (`make test`): a work unit's tests run in one worker, so its module fixtures are built once, and
+    the E2E_RUN_MODULES share one; units are dealt in collection order (never xdist's reordering by test count), a
+    worker's next only once it is on its current unit's last test (xdist's default takes the next one test earlier,
+    which can tie a long module to a busy worker while the other runs out of work)."""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "e2e_run" if module in E2E_RUN_MODULES else module
+            return work_unit(nodeid)
+
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:  # a worker holds its last test until it has a next
+                self._assign_work_unit(node)
 
     return ModuleScheduling(config, log)

@@ -9,7 +9,9 @@ import torch
 import yaml
 from PIL import Image
 
+from style_factory.config import SUBJECT_METHOD
 from style_factory.families import get_family
+from style_factory.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,3 +71,8 @@ def adapter_outputs(models, family) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         conditioning = family.encode_prompts(models, [ADAPTER_PROMPT], torch.device("cpu"))
         return conditioning.hidden_states, family.denoise(models, latents, torch.tensor([500]), conditioning)
+
+
+def style_methods() -> list[str]:
+    """Every method a style may train (a subject trains `content`), sorted."""
+    return sorted(name for name in METHODS if name != SUBJECT_METHOD)

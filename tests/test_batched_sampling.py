@@ -52,6 +52,7 @@ def assert_same_images(one: np.ndarray, batched: np.ndarray) -> None:
     assert all(np.abs(one[i] - one[j]).max() > 10 * TOLERANCE for i in range(len(one)) for j in range(i))
 
 
+@pytest.mark.slow
 def test_batch_1_and_batch_n_give_the_same_images(tmp_path, tiny_model):
     pipe = load_sd1_pipeline(tiny_model)
     one, batched = sample_job(tmp_path / "one", tiny_model), sample_job(tmp_path / "five", tiny_model)

@@ -48,6 +48,8 @@ def test_dry_run_measures_every_part_on_cpu(tmp_path):
 
     group = results["warm_group"]
     assert "error" not in group, group
+    # the dry run trains the group beside the parts, on the Ray started in the background as the check began
+    assert group["beside_parts"] and group["ray_start_s"] > 0 and group["group_wall_s"] > 0
     assert len(group["styles"]) == gpu.DRY_PLAN.group_styles and group["group_wall_over_compute"] > 0
     for style in group["styles"]:
         assert style["wall_s"] > 0 and style["compute_s"] > 0 and style["wall_over_compute"] > 0, style

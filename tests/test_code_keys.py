@@ -48,6 +48,7 @@ def test_a_method_built_on_another_follows_its_edits(pipeline_copy):
     assert changed(before, job_keys()) == {"styleboost", "dreambooth", "content"}
 
 
+@pytest.mark.slow
 def test_the_shared_loop_and_a_family_change_the_keys_of_the_jobs_they_run(pipeline_copy):
     before, before_sdxl = job_keys(), job_keys("sdxl")
     edit(pipeline_copy / "families" / "sdxl.py")

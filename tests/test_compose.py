@@ -1,6 +1,7 @@
 """StyleDrop's style + content composition (style_factory/methods/content.py) and the config that asks for it:
 gamma 0 and 1 are the style and content adapters alone, bit for bit; a gamma between them is neither; a composition
-naming an unknown style or subject fails at load, before any compute."""
+naming an unknown style or subject fails at load, before any compute. A compose entry in a real run:
+tests/test_methods_e2e.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,6 +44,7 @@ def draw(pipe) -> np.ndarray:
                 guidance_scale=5.0, output_type="np").images
 
 
+@pytest.mark.slow
 def test_gamma_ends_are_each_adapter_alone_and_between_is_neither(tmp_path):
     base = resolve_base_model("tiny", tmp_path / "base-models")
     family = get_family("sd1")
@@ -89,35 +91,3 @@ def test_compose_config_refuses_a_style_without_styledrop_and_a_bad_gamma(tmp_pa
         load_subjects(config, REGISTRY, styles, path)
     with pytest.raises(ConfigError, match="evaluate.compose.0.gamma"):
         compose_run(tmp_path / "b", [{"style": "ink", "content": "robot", "gamma": 1.5}])
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_compose_entry_gives_scored_rows_and_a_report_section(ray_session, tmp_path):
-    """One style (StyleDrop, round 1 only) and one subject: its composition is sampled, scored with its content
-    figures, kept out of the verdict and shown in the report."""
-    import pandas as pd
-
-    from jobs import all_styles
-
-    make_style(tmp_path / "styles", "ink", "zwx", n_ref=4, n_aux=0, method="styledrop")
-    make_style(tmp_path / "subjects", "robot", "sks", n_ref=4, n_aux=0, seed=7)
-    config = {"name": "compose", "styles_dir": "styles", "subjects_dir": "subjects", "results_dir": "results",
-              "baselines": [], "curate": {"min_ref_images": 2},
-              "train": {"max_steps": 2, "checkpoint_every": 2, "prior_loss_weight": 0.0,
-                        "method_options": {"styledrop": {"feedback": False}}},
-              "evaluate": {"prompts": ["a red circle", "a blue square"], "seeds": [0], "num_inference_steps": 2,
-                           "compose": [{"style": "ink", "content": "robot", "gamma": 0.6}]}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    run_dir = tmp_path / "results" / "compose"
-    assert all_styles.main(["--config", str(tmp_path / "run.yaml")]) == 0, (run_dir / "summary.json").read_text()
-    results = pd.read_parquet(run_dir / "results.parquet").set_index("method")
-    assert "robot" not in set(results["style"])  # a subject is trained, not scored as a style
-    row = results.loc["compose-ink-robot-g0.6"]
-    assert row["style"] == "ink" and row["subject"] == "robot" and row["gamma"] == 0.6 and row["n_images"] == 2
-    assert -1 <= row["content_clip_i_ci_low"] <= row["content_clip_i"] <= row["content_clip_i_ci_high"] <= 1
-    assert np.isfinite(row[["kid", "clip_t", "style_sim", "content_dino"]].astype(float)).all()
-    assert np.isnan(results.loc["styledrop", "content_clip_i"])
-    assert "compose" not in pd.read_parquet(run_dir / "best.parquet")["method"].iloc[0]
-    page = (run_dir / "report.html").read_text()
-    assert "<h2>Compositions</h2>" in page and "samples/ink/compose-ink-robot-g0.6/p000_s0.png" in page

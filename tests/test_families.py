@@ -140,6 +140,7 @@ def test_textboost_knowledge_preservation_is_zero_before_training(presets, famil
     assert cosine_distance(parts[0], parts[0]).max().item() == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_PRESETS)
 def test_styledrop_trains_only_its_unet_adapter(presets, family):
     models = get_family(family).load_components(presets[family])

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from jobs import all_styles
 from style_factory.lora import DIFFUSERS_FILE, KOHYA_FILE
-from style_factory.methods import STYLE_METHODS
 from style_factory.models import resolve_base_model
-from tests.helpers import make_style
+from tests.helpers import make_style, style_methods
 
 PIPELINES = {"tiny-sd2": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 TOKEN = "qvz"
@@ -28,7 +27,7 @@ def sweep(request, ray_session, tmp_path_factory):
     make_style(root / "styles", "inkwash", TOKEN, n_ref=4, n_aux=4)
     config = {
         "name": "sweep", "styles_dir": str(root / "styles"), "results_dir": str(root / "results"),
-        "model": {"base": request.param}, "methods": sorted(STYLE_METHODS),
+        "model": {"base": request.param}, "methods": style_methods(),
         "train": {"max_steps": 2, "checkpoint_every": 2, "method_options": {
             "dreambooth": {"num_class_images": 2, "class_inference_steps": 2},
             "styledrop": {"feedback_candidates": 2, "feedback_inference_steps": 2, "feedback_prompts": ["a circle"]},
@@ -52,10 +51,10 @@ def test_every_method_trains_samples_and_is_scored(sweep):
     assert exit_code == 0, (run_dir / "summary.json").read_text()
     results = pd.read_parquet(run_dir / "results.parquet")
     scored = results[results.method != "noise-floor"]
-    assert sorted(scored.method) == sorted(["base", *STYLE_METHODS])
+    assert sorted(scored.method) == sorted(["base", *style_methods()])
     assert scored[["fid", "kid", "clip_t", "style_sim"]].notna().all().all()
     family = {"tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}[preset]
-    cards = [json.loads((run_dir / "models" / "inkwash" / m / "model_card.json").read_text()) for m in STYLE_METHODS]
+    cards = [json.loads((run_dir / "models" / "inkwash" / m / "model_card.json").read_text()) for m in style_methods()]
     assert {card["family"] for card in cards} == {family}
 
 

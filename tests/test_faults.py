@@ -1,10 +1,11 @@
 """Nothing lost, nothing crashes: a killed worker, an interrupted job, half-written files, failing styles, OOM.
 
-The interrupted job runs `python -m jobs.all_styles` twice; the killed worker runs the real curate_styles,
-plan_training and train_all on the session's Ray. Both judge resumption from what Ray Train keeps in
-`<run>/ray_train/<trainer>/checkpoint_manager_snapshot.json`:
-`current_report_index` counts every checkpoint ever registered for the trainer, across restarts and reruns,
-so it equals max_steps / checkpoint_every only if no checkpoint step was trained (and reported) twice.
+One fixture runs `python -m jobs.all_styles` twice on four styles. In the first run slow's Ray Train worker is
+SIGKILLed after slow's first checkpoint while quick trains beside it, and the whole job (driver and local Ray) once
+quick is trained and slow's new worker has checkpointed; the second run finishes. Resumption is judged from what
+Ray Train keeps in `<run>/ray_train/<trainer>/checkpoint_manager_snapshot.json`: `current_report_index` counts every
+checkpoint ever registered for the trainer, across restarts and reruns, so it equals max_steps / checkpoint_every
+only if no checkpoint step was trained (and reported) twice.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -24,15 +24,17 @@ import pytest
 import torch
 import yaml
 
-from style_factory.curate import curate_styles
 from style_factory.report import write_report
-from style_factory.train import explain, plan_training, train_all
+from style_factory.run import finish
+from style_factory.train import explain
 from style_factory.train_job import TrainJob
 from tests.helpers import REPO, make_style, opened
 from tests.test_report import make_run
 
 EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
             "seeds": [0], "num_inference_steps": 2}
+QUICK_STEPS, QUICK_EVERY = 16, 4  # long enough to be training when slow's worker is killed at slow's first checkpoint
+SLOW_STEPS, SLOW_EVERY = 12, 2  # the worker killed at step 2, the job at 4 or later (its new worker's first)
 
 
 def write_config(root: Path, name: str, train: dict) -> Path:
@@ -44,7 +46,8 @@ def write_config(root: Path, name: str, train: dict) -> Path:
 
 
 def trainer_dir(run_dir: Path, style: str) -> Path:
-    """The Ray Train storage folder of a style's (only) trainer: <run>/ray_train/<style>-<method>-<key>."""
+    """The Ray Train storage folder of the one trainer that trains a style: <run>/ray_train/<style>-<method>-<key>,
+    `+<n>-<hash>` added when it trains n more styles after it."""
     found = sorted((run_dir / "ray_train").glob(f"{style}-styleboost-*"))
     assert len(found) == 1, found
     return found[0]
@@ -89,14 +92,19 @@ def model_card(run_dir: Path, style: str) -> dict:
     return json.loads((run_dir / "models" / style / "styleboost" / "model_card.json").read_text())
 
 
+def model_file(run_dir: Path, style: str) -> Path:
+    return run_dir / "models" / style / "styleboost" / "unet" / "diffusion_pytorch_model.safetensors"
+
+
 # ---------------------------------------------------------------------------------------------
-# The whole job killed (driver and local Ray) mid-training, then rerun; two of its styles fail
+# A worker killed mid-training, then the whole job, then a rerun; two of its styles fail
 # ---------------------------------------------------------------------------------------------
 
-def run_job(command: list[str], log: Path, stop_when=None, timeout: float = 600):
-    """Run a job in its own process group; SIGKILL the group as soon as stop_when() returns a value.
+def run_job(command: list[str], log: Path, watch=None, timeout: float = 600):
+    """Run a job in its own process group; SIGKILL the group as soon as watch(job's pid), called at every poll,
+    returns a value.
 
-    Returns (exit code, stop_when's value, the job's processes still alive 30 s after it ended). Ray's workers
+    Returns (exit code, watch's value, the job's processes still alive 30 s after it ended). Ray's workers
     run in process groups of their own and should exit once their raylet is gone; any that do not are killed.
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not this session's
@@ -104,18 +112,19 @@ def run_job(command: list[str], log: Path, stop_when=None, timeout: float = 600)
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)
     started: dict[int, psutil.Process] = {}
-    stopped, deadline, timed_out = None, time.monotonic() + timeout, False
+    stopped, deadline, killed, timed_out = None, time.monotonic() + timeout, False, False
     while job.poll() is None:
         try:
             started.update({p.pid: p for p in psutil.Process(job.pid).children(recursive=True)})
+            if watch is not None and stopped is None:
+                stopped = watch(job.pid)
         except psutil.Error:  # the driver exited meanwhile
             pass
-        if stop_when is not None and stopped is None:
-            stopped = stop_when()
-            if stopped is not None:
-                os.killpg(job.pid, signal.SIGKILL)
-        if not timed_out and time.monotonic() > deadline:
-            timed_out = True
+        except BaseException:  # a failing watcher: the job is not left running
+            os.killpg(job.pid, signal.SIGKILL)
+            raise
+        if not killed and (stopped is not None or time.monotonic() > deadline):
+            killed, timed_out = True, stopped is None
             os.killpg(job.pid, signal.SIGKILL)
         time.sleep(0.05)
     _, alive = psutil.wait_procs(list(started.values()), timeout=30)
@@ -126,60 +135,106 @@ def run_job(command: list[str], log: Path, stop_when=None, timeout: float = 600)
     return job.returncode, stopped, alive
 
 
-@pytest.fixture(scope="module")
-def interrupted_then_rerun(tmp_path_factory):
-    """`python -m jobs.all_styles` killed once quick is trained and slow has a checkpoint, then run again.
+class Faults:
+    """The first run's watcher: SIGKILL slow's worker at slow's first checkpoint, then stop the job (return the step
+    of slow's latest checkpoint) once quick is trained and slow's new worker has checkpointed."""
 
-    no-aux fails its method's data check (no prior images); too-few fails curation (2 StyleRef images).
-    """
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.seen: dict[str, set[int]] = defaultdict(set)  # trainer name -> every worker pid it ever had
+        self.killed: tuple[int, int] | None = None  # (pid, slow's latest checkpoint step when it was killed)
+        self.quick_training_at_kill: bool | None = None
+        self.interrupted_at: int | None = None  # slow's latest checkpoint step when the job was killed
+
+    def workers(self, style: str) -> set[int]:
+        return set().union(*(pids for name, pids in self.seen.items() if name.startswith(f"{style}-styleboost-")))
+
+    def __call__(self, job_pid: int) -> int | None:
+        for name, pids in train_workers(job_pid).items():
+            self.seen[name] |= pids
+        step = latest_checkpoint_step(self.run_dir, "slow")
+        if self.killed is None:
+            if step is not None and step < SLOW_STEPS and self.workers("slow"):
+                [pid] = self.workers("slow")
+                os.kill(pid, signal.SIGKILL)
+                self.killed = (pid, step)
+                self.quick_training_at_kill = (bool(self.workers("quick"))
+                                               and not model_file(self.run_dir, "quick").is_file())
+            return None
+        done = step is not None and step > self.killed[1] and model_file(self.run_dir, "quick").is_file()
+        return step if done else None
+
+
+@pytest.fixture(scope="module")
+def faults_then_rerun(tmp_path_factory):
+    """(run folder, config, the first run's Faults, quick's model's mtime then, the rerun's exit code, its processes
+    left, the log of both runs). no-aux fails its method's data check (no prior images); too-few fails curation
+    (2 StyleRef images). quick and slow train side by side: the 2 local CPUs give two trainers."""
     root = tmp_path_factory.mktemp("interrupted")
-    make_style(root / "styles", "quick", "zwx", train={"max_steps": 2, "checkpoint_every": 2})
-    make_style(root / "styles", "slow", "ukj", seed=1, train={"max_steps": 120, "checkpoint_every": 10})
+    make_style(root / "styles", "quick", "zwx", train={"max_steps": QUICK_STEPS, "checkpoint_every": QUICK_EVERY})
+    make_style(root / "styles", "slow", "ukj", seed=1, train={"max_steps": SLOW_STEPS, "checkpoint_every": SLOW_EVERY})
     make_style(root / "styles", "no-aux", "qpv", seed=2, n_aux=0)
     make_style(root / "styles", "too-few", "ykr", seed=3, n_ref=2)
-    config = write_config(root, "interrupted", train={"max_steps": 2})
+    config = write_config(root, "interrupted", train={"max_steps": 2, "max_failures": 2})
     run_dir, log = root / "results" / "interrupted", root / "job.log"
     command = [sys.executable, "-m", "jobs.all_styles", "--config", str(config)]
-    quick_model = run_dir / "models" / "quick" / "styleboost" / "unet" / "diffusion_pytorch_model.safetensors"
-
-    def quick_done_and_slow_checkpointed() -> int | None:
-        return latest_checkpoint_step(run_dir, "slow") if quick_model.is_file() else None
-
-    code, interrupted_at, _ = run_job(command, log, stop_when=quick_done_and_slow_checkpointed)
+    faults = Faults(run_dir)
+    code, faults.interrupted_at, _ = run_job(command, log, watch=faults)
     assert code == -signal.SIGKILL, log.read_text()[-3000:]
     assert not (run_dir / "summary.json").exists()  # the job never got to the end
-    first = {"interrupted_at": interrupted_at, "quick_model_written": quick_model.stat().st_mtime_ns}
+    quick_written = model_file(run_dir, "quick").stat().st_mtime_ns
     code, _, stray = run_job(command, log)
-    return run_dir, first, code, stray, log
+    return run_dir, config, faults, quick_written, code, stray, log
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_rerun_reuses_what_the_interrupted_run_finished(interrupted_then_rerun):
-    run_dir, first, _, _, _ = interrupted_then_rerun
+def test_rerun_reuses_what_the_interrupted_run_finished(faults_then_rerun):
+    run_dir, _, _, quick_written, *_ = faults_then_rerun
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["quick"] == {"curate": "reused", "train:styleboost": "reused",
                                 "evaluate:base": "ok", "evaluate:styleboost": "ok"}
-    quick_model = run_dir / "models" / "quick" / "styleboost" / "unet" / "diffusion_pytorch_model.safetensors"
-    assert quick_model.stat().st_mtime_ns == first["quick_model_written"]  # not retrained
+    assert model_file(run_dir, "quick").stat().st_mtime_ns == quick_written  # not retrained
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_interrupted_style_resumes_from_its_last_checkpoint(interrupted_then_rerun):
-    run_dir, first, _, _, _ = interrupted_then_rerun
-    assert 10 <= first["interrupted_at"] < 120  # long enough that the kill always lands mid-training
+def test_killed_worker_resumes_from_its_last_checkpoint(faults_then_rerun):
+    run_dir, _, faults, *_ = faults_then_rerun
+    assert faults.killed is not None, "slow finished before its worker could be killed"
+    pid, step = faults.killed
+    assert not psutil.pid_exists(pid)
+    slow_workers = faults.seen[trainer_dir(run_dir, "slow").name]
+    assert pid in slow_workers and len(slow_workers) >= 2  # Ray Train started a new worker
+    assert faults.interrupted_at > step  # which trained on and checkpointed before the job was killed
+    # Every checkpoint step registered once over the restart and both runs: the new worker resumed at `step`.
+    assert checkpoint_snapshot(run_dir, "slow")["current_report_index"] == SLOW_STEPS // SLOW_EVERY
+
+
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
+def test_interrupted_style_resumes_from_its_last_checkpoint(faults_then_rerun):
+    run_dir, _, faults, *_ = faults_then_rerun
+    assert faults.interrupted_at < SLOW_STEPS  # the kill landed mid-training
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["slow"] == {"curate": "reused", "train:styleboost": "ok",
                                "evaluate:base": "ok", "evaluate:styleboost": "ok"}
-    assert model_card(run_dir, "slow")["steps"] == 120
-    assert [entry["step"] for entry in loss_log(run_dir, "slow")] == list(range(1, 121))
-    # Checkpoints 10, 20, ..., 120, each registered once over both runs: the rerun started after the step
-    # of its last checkpoint, not at 0.
-    assert checkpoint_snapshot(run_dir, "slow")["current_report_index"] == 120 // 10
+    assert model_card(run_dir, "slow")["steps"] == SLOW_STEPS
+    assert [entry["step"] for entry in loss_log(run_dir, "slow")] == list(range(1, SLOW_STEPS + 1))
+    # The rerun started after the step of its last checkpoint, not at 0.
+    assert checkpoint_snapshot(run_dir, "slow")["current_report_index"] == SLOW_STEPS // SLOW_EVERY
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_failing_styles_are_named_with_the_reason_and_the_others_finish(interrupted_then_rerun):
-    run_dir, _, exit_code, _, log = interrupted_then_rerun
+def test_other_style_trains_undisturbed(faults_then_rerun):
+    run_dir, _, faults, *_ = faults_then_rerun
+    assert faults.quick_training_at_kill  # beside slow when its worker was killed
+    assert len(faults.seen[trainer_dir(run_dir, "quick").name]) == 1  # one worker throughout: never restarted
+    assert model_card(run_dir, "quick")["steps"] == QUICK_STEPS
+    assert [entry["step"] for entry in loss_log(run_dir, "quick")] == list(range(1, QUICK_STEPS + 1))
+    assert checkpoint_snapshot(run_dir, "quick")["current_report_index"] == QUICK_STEPS // QUICK_EVERY
+
+
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
+def test_failing_styles_are_named_with_the_reason_and_the_others_finish(faults_then_rerun):
+    run_dir, _, _, _, exit_code, _, log = faults_then_rerun
     assert exit_code == 1, log.read_text()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "only 2 usable StyleRef image(s)" in summary["too-few"]["curate"]
@@ -196,66 +251,28 @@ def test_failing_styles_are_named_with_the_reason_and_the_others_finish(interrup
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_no_ray_process_outlives_the_job(interrupted_then_rerun):
-    *_, stray, _ = interrupted_then_rerun
+def test_no_ray_process_outlives_the_job(faults_then_rerun):
+    *_, stray, _ = faults_then_rerun
     assert not stray, f"still running 30 s after the job ended: {stray}"
 
 
-# ---------------------------------------------------------------------------------------------
-# A worker killed mid-training, next to a style that trains undisturbed
-# ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def train_with_a_killed_worker(ray_session, tmp_path_factory):
-    """alpha and beta train side by side in one train_all; alpha's worker is SIGKILLed after a checkpoint."""
-    root = tmp_path_factory.mktemp("killed-worker")
-    make_style(root / "styles", "alpha", "zwx")
-    make_style(root / "styles", "beta", "ukj", seed=1)
-    config = write_config(root, "killed-worker", train={"max_steps": 60, "checkpoint_every": 10, "max_failures": 2})
-    run = opened(config)
-    curate_styles(run)
-
-    seen: dict[str, set[int]] = defaultdict(set)  # trainer name -> every worker pid it ever had
-    killed = None  # (pid, alpha's latest checkpoint step when it was killed)
-    with ThreadPoolExecutor(1) as pool:
-        training = pool.submit(train_all, plan_training(run))
-        deadline = time.monotonic() + 240
-        while not training.done() and time.monotonic() < deadline:
-            for name, pids in train_workers(os.getpid()).items():
-                seen[name] |= pids
-            step = latest_checkpoint_step(run.dir, "alpha")
-            if killed is None and step is not None and step < 60:
-                alpha_workers = seen[trainer_dir(run.dir, "alpha").name]
-                if alpha_workers:
-                    [pid] = alpha_workers
-                    os.kill(pid, signal.SIGKILL)
-                    killed = (pid, step)
-            time.sleep(0.05)
-        outcomes = training.result(timeout=max(0.0, deadline - time.monotonic()))
-    return run.dir, outcomes, killed, seen
-
-
-def test_killed_worker_resumes_from_its_last_checkpoint(train_with_a_killed_worker):
-    run_dir, outcomes, killed, seen = train_with_a_killed_worker
-    assert killed is not None, "alpha finished before its worker could be killed"
-    pid, step = killed
-    assert not psutil.pid_exists(pid)
-    alpha_workers = seen[trainer_dir(run_dir, "alpha").name]
-    assert pid in alpha_workers and len(alpha_workers) >= 2  # Ray Train started a new worker
-    assert outcomes[("alpha", "styleboost")]["status"] == "trained"
-    assert model_card(run_dir, "alpha")["steps"] == 60
-    assert [entry["step"] for entry in loss_log(run_dir, "alpha")] == list(range(1, 61))
-    # Every checkpoint step (10, ..., 60) registered once: the new worker resumed at `step`, not at 0.
-    assert checkpoint_snapshot(run_dir, "alpha")["current_report_index"] == 60 // 10
-
-
-def test_other_style_trains_undisturbed(train_with_a_killed_worker):
-    run_dir, outcomes, _, seen = train_with_a_killed_worker
-    assert len(seen[trainer_dir(run_dir, "beta").name]) == 1  # one worker throughout: never restarted
-    assert outcomes[("beta", "styleboost")]["status"] == "trained"
-    assert model_card(run_dir, "beta")["steps"] == 60
-    assert [entry["step"] for entry in loss_log(run_dir, "beta")] == list(range(1, 61))
-    assert checkpoint_snapshot(run_dir, "beta")["current_report_index"] == 60 // 10
+@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
+def test_results_of_an_earlier_command_are_not_shown_as_this_ones(faults_then_rerun, capsys):
+    run_dir, config, *_, log = faults_then_rerun
+    results, report = run_dir / "results.parquet", run_dir / "report.html"
+    output = log.read_text()  # the rerun's: the first run never got to the end
+    assert f"  results.parquet  {results}" in output and f"  report.html      {report}" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run = opened(config)  # a command that writes neither
+    try:
+        capsys.readouterr()
+        assert finish(run) == 0
+    finally:
+        run.release()
+    out = capsys.readouterr().out
+    assert f"results.parquet (from an earlier command)  {results}" in out
+    assert f"report.html (from an earlier command)  {report}" in out
+    assert json.loads((run_dir / "summary.json").read_text()) == summary  # the earlier command's, kept
 
 
 # ---------------------------------------------------------------------------------------------

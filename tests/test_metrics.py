@@ -84,6 +84,7 @@ def test_kid_leaves_the_global_numpy_rng_untouched():
     assert state_before[2:] == state_after[2:]
 
 
+@pytest.mark.slow
 def test_kid_is_near_zero_for_one_distribution_and_large_for_shifted_ones():
     reference = gaussian_features(seed=1, n=300)
     same = metrics.kid(reference, gaussian_features(seed=2, n=300))

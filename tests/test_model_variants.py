@@ -120,42 +120,63 @@ def test_kept_checkpoint_steps_are_models_beside_the_final_one(tmp_path):
     assert [j.keep_steps for j in plan_training(listed)] == [[1, 2], [1, 2]]  # the final step is the model itself
 
 
+SWEEP_DEMO = Path(__file__).parents[1] / "configs" / "sweep-demo.yaml"
+
+
+def test_the_sweep_demo_config_plans_its_16_models_each_kept_at_step_2(tmp_path):
+    """configs/sweep-demo.yaml on its two example styles: 2 methods x 2 learning rates x 2 training seeds a style,
+    every one 4 steps (per_method over pixel-art's own 120), scored at step 2 beside its last."""
+    config = yaml.safe_load(SWEEP_DEMO.read_text())
+    config.update(styles_dir=str(Path(__file__).parents[1] / "styles"), results_dir=str(tmp_path / "results"))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_run_config(tmp_path / "run.yaml", REGISTRY)
+    jobs = plan_training(Run(config=loaded, styles=load_styles(loaded, REGISTRY)))
+    assert len(jobs) == 16 and len({(job.style, job.key) for job in jobs}) == 16  # uncurated: one data key
+    assert {(job.style, job.model_name) for job in jobs} == {
+        (style, f"{method}-p{point}{seed}") for style in ("anime", "pixel-art") for method in ("styleboost", "textboost")
+        for point in (0, 1) for seed in ("", "-s1338")}
+    assert {job.train["max_steps"] for job in jobs} == {4} and all(job.keep_steps == [2] for job in jobs)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_sweep_demo_scores_seeds_points_and_steps_and_a_rerun_trains_nothing(ray_session, tmp_path):
-    """configs/sweep-demo.yaml (2 methods x 2 learning rates x 2 training seeds, scored at step 2 and 4) on two
-    small styles: every model is a row with its step, seed and swept value; best.parquet names one per style."""
+def test_a_sweep_scores_seeds_points_and_steps_and_a_rerun_trains_nothing(ray_session, tmp_path):
+    """The sweep demo's dimensions at their least (one style, one method x 2 learning rates x 2 training seeds,
+    scored at step 2 and 4): every model is a row with its step, seed and swept value; best.parquet names one."""
     from jobs import all_styles
 
-    for name, token, seed in (("alpha", "zwx", 0), ("beta", "ukj", 1)):
-        make_style(tmp_path / "styles", name, token, n_ref=4, n_aux=4, seed=seed)
-    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "sweep-demo.yaml").read_text())
-    config.update(styles_dir=str(tmp_path / "styles"), results_dir=str(tmp_path / "results"), styles=[])
-    config["train"].update(batch_size=1, report_to=[], export={"single_file": False})  # the least work per model
+    make_style(tmp_path / "styles", "alpha", "zwx", n_ref=4, n_aux=4)
+    config = {"name": "sweep", "styles_dir": str(tmp_path / "styles"), "results_dir": str(tmp_path / "results"),
+              "methods": ["textboost"], "baselines": [],
+              "train": {"max_steps": 4, "checkpoint_every": 2, "seeds": [1337, 1338], "batch_size": 1,
+                        "report_to": [], "export": {"single_file": False}},  # the least work per model
+              "sweep": {"space": {"textboost": {"learning_rate": [1.0e-4, 1.0e-3]}}},
+              "evaluate": {"checkpoints": [2], "prompts": ["a large red circle on a white background",
+                                                           "a small blue square on a yellow background"],
+                           "seeds": [0], "num_inference_steps": 3}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert all_styles.main(["--config", str(path)]) == 0
-    run_dir = tmp_path / "results" / "sweep-demo"
+    run_dir = tmp_path / "results" / "sweep"
     results = pd.read_parquet(run_dir / "results.parquet")
-    models = results[results["method"].isin(["styleboost", "textboost"])]
-    assert len(models) == 2 * 2 * 2 * 2 * 2  # styles x methods x points x seeds x steps
+    models = results[results["method"] == "textboost"]
+    assert len(models) == 2 * 2 * 2  # points x seeds x steps
     assert sorted(models["step"].unique()) == [2, 4] and sorted(models["train_seed"].unique()) == [1337, 1338]
-    assert sorted(models[models["method"] == "textboost"]["sweep.learning_rate"].unique()) == [1e-4, 1e-3]
+    assert sorted(models["sweep.learning_rate"].unique()) == [1e-4, 1e-3]
     assert results[results["method"] == "base"]["step"].isna().all()
-    assert set(models["model_dir"].str.rsplit("/", n=1).str[1]) >= {"styleboost-p1-s1338-step2", "textboost-p0"}
-    best = pd.read_parquet(run_dir / "best.parquet")
-    assert sorted(best["style"]) == ["alpha", "beta"]
-    for _, row in best.iterrows():
-        assert row["method"] in {"base", "styleboost", "textboost"} and row["why"] and row["tied"] is not None
-        if row["method"] != "base":
-            assert row["n_train_seeds"] == 2 and "step" in json.loads(row["settings"])
+    assert set(models["model_dir"].str.rsplit("/", n=1).str[1]) == {
+        f"textboost-p{point}{seed}{step}" for point in (0, 1) for seed in ("", "-s1338") for step in ("", "-step2")}
+    [best] = pd.read_parquet(run_dir / "best.parquet").to_dict("records")
+    assert best["style"] == "alpha" and best["method"] in {"base", "textboost"} and best["why"]
+    assert best["tied"] is not None
+    if best["method"] != "base":
+        assert best["n_train_seeds"] == 2 and "step" in json.loads(best["settings"])
     trained = {d.name for d in (run_dir / "models" / "alpha").iterdir()}
-    assert "styleboost-p0-s1338-step2" in trained and "textboost-p1-step2" in trained
+    assert {"textboost-p0-s1338-step2", "textboost-p1-step2", "textboost-p1-s1338"} <= trained
     assert all_styles.main(["--config", str(path)]) == 0
-    outcomes = json.loads((run_dir / "summary.json").read_text())
-    stages = [outcome for name in ("alpha", "beta") for stage, outcome in outcomes[name].items()
+    stages = [outcome for stage, outcome in json.loads((run_dir / "summary.json").read_text())["alpha"].items()
               if stage.startswith("train:")]
-    assert len(stages) == 2 * 8 and set(stages) == {"reused"}
+    assert len(stages) == 4 and set(stages) == {"reused"}
 
 
 def test_the_report_plots_each_metric_against_the_step(tmp_path):

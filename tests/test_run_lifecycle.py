@@ -1,8 +1,10 @@
 """A run's life: one run per folder at a time (its lock), and a Ctrl-C or a full disk that still reports, cleans up
 and stops Ray.
 
-Every run is the real `python -m jobs.<job>` in a process of its own. The scenarios run side by side, each on its own
-folder, started together by one fixture: the file takes the time of its longest chain of runs, not of all of them.
+Every run is the real `python -m jobs.<job>` in a process of its own, in one chain that one fixture runs: the same
+command fails on a full disk, runs again once the disk has room, is refused a second time beside itself, and is
+stopped with a Ctrl-C in training; a lone `jobs.curate` of the same styles runs beside the chain as the reference.
+The results of a finished command are tested in tests/test_faults.py, on its rerun's folder.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -24,18 +25,18 @@ import pytest
 import yaml
 
 from style_factory.files import _tmp_beside, read_json
-from style_factory.run import finish
 from tests.helpers import REPO, make_style, opened
 
-TRAIN = {"max_steps": 2, "checkpoint_every": 2}
+# Stopped by the Ctrl-C long before its last step; a checkpoint every 5 steps, so that one may be on its way.
+TRAIN = {"max_steps": 400, "checkpoint_every": 5}
 EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
             "seeds": [0], "num_inference_steps": 2}
 TIMEOUT = 600  # seconds, for any one job: a hang guard, far above a tiny run beside the other tests (`make test -n 2`)
 
 
-def write_config(root: Path, name: str, results_dir: Path, train: dict = TRAIN) -> Path:
+def write_config(root: Path, name: str, results_dir: Path) -> Path:
     config = {"name": name, "styles_dir": str(root / "styles"), "results_dir": str(results_dir), "baselines": [],
-              "train": train, "evaluate": EVALUATE}
+              "train": TRAIN, "evaluate": EVALUATE}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -49,8 +50,10 @@ class Job:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
         self.log = log
         with log.open("w") as out:
+            # SIGINT as a terminal leaves it, also under a pytest started in the background (which ignores it)
             self.process = subprocess.Popen([sys.executable, "-m", f"jobs.{job}", "--config", str(config)], cwd=REPO,
-                                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.started = time.monotonic()
         self.descendants: dict[int, psutil.Process] = {}
 
@@ -105,9 +108,8 @@ def holder(run_dir: Path) -> dict | None:
     return read_json(run_dir / ".lock")
 
 
-def scores(run_dir: Path) -> pd.DataFrame:
-    table = pd.read_parquet(run_dir / "results.parquet", columns=["style", "method", "kid", "fid", "clip_t"])
-    return table.sort_values(["style", "method"]).reset_index(drop=True)
+def curated(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "curated" / "ink.parquet")
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -119,64 +121,58 @@ def leftovers(run_dir: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The scenarios, each in a thread of its own
+# The chain of runs
 # ---------------------------------------------------------------------------------------------
 
-def alone(root: Path) -> dict:
-    """The reference: the config run alone."""
-    config = write_config(root, "alone", root / "results-alone")
-    job = Job(config, root / "alone.log")
-    code = job.wait()
-    run_dir = root / "results-alone" / "alone"
-    return {"code": code, "output": job.output, "config": config, "run_dir": run_dir,
-            "scores": scores(run_dir) if code == 0 else None}
+def training(job: Job) -> bool:
+    """Steps trained, in the progress view's plain lines, as the person at the terminal sees them."""
+    return any(int(steps) > 0 for steps in re.findall(r"\[progress\] train: (\d+)/400", job.output))
 
 
-def ctrl_c_in_training(root: Path) -> dict:
-    """SIGINT to the job's process group (as a terminal's Ctrl-C) once training is under way."""
-    config = write_config(root, "ctrl-c", root / "results-ctrl-c", train={"max_steps": 400, "checkpoint_every": 5})
-    run_dir = root / "results-ctrl-c" / "ctrl-c"
-    job = Job(config, root / "ctrl-c.log")
-
-    def training() -> bool:  # the progress view's plain lines: steps trained, as the person at the terminal sees
-        return any(int(steps) > 0 for steps in re.findall(r"\[progress\] train: (\d+)/400", job.output))
-
-    assert job.wait_until(training), job.output[-3000:]
-    os.killpg(job.process.pid, signal.SIGINT)
-    interrupted = time.monotonic()
-    code = job.wait()
-    return {"code": code, "output": job.output, "seconds": time.monotonic() - interrupted, "run_dir": run_dir,
-            "ray_left": job.ray_processes_left()}
-
-
-def disk_full_then_two_runs(root: Path) -> dict:
+def the_same_command_three_times(root: Path) -> dict:
     """results_dir on a 32 KiB tmpfs: the lock's record, config.json and the curation report fit, the curated
-    Parquet does not. Then the tmpfs grows to 256 MiB and the same command runs again; once that run holds the
-    lock, the same command is started a second time beside it."""
+    Parquet does not (`full`). Then the tmpfs grows and the same command runs again (`first`); once it holds the
+    lock, the same command is started a second time beside it (`second`); once `first` trains, SIGINT to its
+    process group (as a terminal's Ctrl-C). Meanwhile `lone`, the reference, curates the same styles on a folder of
+    its own. What the tests read of the tmpfs is read here, before it goes.
+
+    Without a tmpfs (not root), `full` is left out and the rest runs on a plain folder."""
     disk = root / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True,
                              text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    config, run_dir = write_config(root, "run", disk), disk / "run"
+    lone = Job(write_config(root, "lone", root / "results-lone"), root / "lone.log", job="curate")
+    result = {"run_dir": run_dir, "no_tmpfs": mounted.stderr.strip() if mounted.returncode else None}
     try:
-        config = write_config(root, "full", disk)
-        run_dir = disk / "full"
-        full = Job(config, root / "full.log")
-        result = {"code": full.wait(), "output": full.output, "run_dir": run_dir, "leftovers": leftovers(run_dir),
-                  "summary": read_json(run_dir / "summary.json"), "ray_left": full.ray_processes_left()}
-        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
+        if not mounted.returncode:
+            full = Job(config, root / "full.log")
+            result["full"] = {"code": full.wait(), "output": full.output, "leftovers": leftovers(run_dir),
+                              "summary": read_json(run_dir / "summary.json"), "ray_left": full.ray_processes_left()}
+            subprocess.run(["mount", "-o", "remount,size=1g", str(disk)], check=True)  # room for a few checkpoints
         first = Job(config, root / "first.log")
         assert first.wait_until(lambda: (holder(run_dir) or {}).get("pid") == first.process.pid), first.output[-3000:]
+        config_written = (run_dir / "config.json").stat().st_mtime_ns
         second = Job(config, root / "second.log")
-        result.update(second_code=second.wait(), second_output=second.output,
-                      second_seconds=time.monotonic() - second.started, first_pid=first.process.pid,
-                      first_still_running=first.process.poll() is None)
-        result.update(first_code=first.wait(), first_output=first.output, lock_after=(run_dir / ".lock").read_text())
-        result["first_scores"] = scores(run_dir) if result["first_code"] == 0 else None
+        result["second"] = {"code": second.wait(), "output": second.output,
+                            "seconds": time.monotonic() - second.started, "holder_pid": first.process.pid,
+                            "holder_still_running": first.process.poll() is None, "lock_after": holder(run_dir),
+                            "config_untouched": (run_dir / "config.json").stat().st_mtime_ns == config_written}
+        assert first.wait_until(lambda: training(first)), first.output[-3000:]
+        os.killpg(first.process.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        result["first"] = {"code": first.wait(), "output": first.output, "seconds": time.monotonic() - interrupted,
+                           "ray_left": first.ray_processes_left(), "summary": read_json(run_dir / "summary.json"),
+                           "leftovers": leftovers(run_dir), "lock": (run_dir / ".lock").read_text(),
+                           "curated": curated(run_dir)}
+        result["lone"] = {"code": lone.wait(), "output": lone.output}
+        if result["lone"]["code"] == 0:
+            result["lone"]["curated"] = curated(root / "results-lone" / "lone")
         return result
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        lone.wait()
+        if not mounted.returncode:
+            subprocess.run(["umount", str(disk)], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +183,8 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scenarios(root):
-    """Every scenario's result, as a future: all start at the first test."""
-    runs = {"alone": alone, "ctrl_c": ctrl_c_in_training, "disk_full": disk_full_then_two_runs}
-    with ThreadPoolExecutor(len(runs)) as pool:
-        yield {name: pool.submit(run, root) for name, run in runs.items()}
+def runs(root) -> dict:
+    return the_same_command_three_times(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,45 +235,27 @@ def test_a_run_starts_by_removing_what_interrupted_writes_left(root, capsys):
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_holder(scenarios):
-    result = scenarios["disk_full"].result()
-    assert result["second_code"] == 2, result["second_output"][-3000:]
-    assert result["first_still_running"]
-    message = result["second_output"]
-    assert f"pid {result['first_pid']} on host {socket.gethostname()}, since " in message
+def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_holder(runs):
+    second = runs["second"]
+    assert second["code"] == 2, second["output"][-3000:]
+    assert second["holder_still_running"]
+    message = second["output"]
+    assert f"pid {second['holder_pid']} on host {socket.gethostname()}, since " in message
     assert "-m jobs.all_styles --config" in message  # the holder's command
     assert "Wait for it to finish, or stop that run" in message and "just rerun" in message
     assert "[ray]" not in message  # refused before starting anything
-    print(f"second run refused {result['second_seconds']:.1f} s after it started")
+    print(f"second run refused {second['seconds']:.1f} s after it started")
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_the_first_run_is_undisturbed_and_scores_as_a_lone_run(scenarios):
-    """Also the rerun after the full disk below: it goes on from what the failed run left, and gets the lone
-    run's results."""
-    result, lone = scenarios["disk_full"].result(), scenarios["alone"].result()
-    assert result["first_code"] == 0, result["first_output"][-3000:]
+def test_the_first_run_is_undisturbed_and_curates_as_a_lone_run(runs):
+    """Also the rerun after the full disk below: it goes on from what the failed run left, curates what a lone run
+    curates (the stage the full disk stopped), and trains."""
+    second, first, lone = runs["second"], runs["first"], runs["lone"]
+    assert second["lock_after"]["pid"] == second["holder_pid"] and second["config_untouched"]
     assert lone["code"] == 0, lone["output"][-3000:]
-    pd.testing.assert_frame_equal(result["first_scores"], lone["scores"])
-    assert "taking over" not in result["first_output"]  # the failed run gave its lock back
-    assert result["lock_after"] == ""  # and so did this one, on exit
-
-
-@pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_results_of_an_earlier_command_are_not_shown_as_this_ones(scenarios, capsys):
-    lone = scenarios["alone"].result()
-    results, report = lone["run_dir"] / "results.parquet", lone["run_dir"] / "report.html"
-    assert f"  results.parquet  {results}" in lone["output"] and f"  report.html      {report}" in lone["output"]
-    run = opened(lone["config"])  # a command that writes neither
-    try:
-        capsys.readouterr()
-        assert finish(run) == 0
-    finally:
-        run.release()
-    out = capsys.readouterr().out
-    assert f"results.parquet (from an earlier command)  {results}" in out
-    assert f"report.html (from an earlier command)  {report}" in out
-    assert read_json(lone["run_dir"] / "summary.json")["ink"]["curate"] == "ok"  # the earlier command's, kept
+    pd.testing.assert_frame_equal(first["curated"], lone["curated"])
+    assert "taking over" not in first["output"]  # the failed run gave its lock back
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,32 +263,34 @@ def test_results_of_an_earlier_command_are_not_shown_as_this_ones(scenarios, cap
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_ctrl_c_reports_cleans_up_and_stops_ray(scenarios):
-    result = scenarios["ctrl_c"].result()
-    output, run_dir = result["output"], result["run_dir"]
-    assert result["code"] == 130, output[-3000:]
+def test_ctrl_c_reports_cleans_up_and_stops_ray(runs):
+    first = runs["first"]
+    output = first["output"]
+    assert first["code"] == 130, output[-3000:]
     assert "Traceback" not in output
     assert "[run] interrupted (Ctrl-C) during train" in output
-    assert read_json(run_dir / "summary.json") == {"ink": {"curate": "ok", "train": "interrupted (Ctrl-C)"}}
-    assert leftovers(run_dir) == []
-    assert result["ray_left"] == []
-    assert holder(run_dir) is None
-    print(f"exited {result['seconds']:.1f} s after the Ctrl-C")
+    assert first["summary"] == {"ink": {"curate": "ok", "train": "interrupted (Ctrl-C)"}}  # the full disk's replaced
+    assert first["leftovers"] == []
+    assert first["ray_left"] == []
+    assert first["lock"] == ""  # given back on exit, its holder cleared
+    print(f"exited {first['seconds']:.1f} s after the Ctrl-C")
 
 
 @pytest.mark.ray  # runs jobs in subprocesses, each with its own Ray
-def test_a_full_disk_names_the_path_and_the_free_space_and_cleans_up(scenarios):
-    result = scenarios["disk_full"].result()
-    output, run_dir = result["output"], result["run_dir"]
-    assert result["code"] == 1, output[-3000:]
+def test_a_full_disk_names_the_path_and_the_free_space_and_cleans_up(runs):
+    if runs["no_tmpfs"] is not None:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {runs['no_tmpfs']}")
+    full, run_dir = runs["full"], runs["run_dir"]
+    output = full["output"]
+    assert full["code"] == 1, output[-3000:]
     assert "Traceback" not in output
     message = re.search(rf"disk full: {re.escape(str(run_dir / 'curated' / 'ink.parquet'))}: [\d.]+ KiB free",
                         output)
     assert message, output[-3000:]
     assert f"[run] {message.group(0)} during curate" in output
-    assert result["summary"] == {"ink": {"curate": message.group(0)}}
-    assert result["leftovers"] == []
-    assert result["ray_left"] == []
+    assert full["summary"] == {"ink": {"curate": message.group(0)}}
+    assert full["leftovers"] == []
+    assert full["ray_left"] == []
 
 
 def test_a_local_ray_that_misses_its_start_up_deadline_is_started_once_more(monkeypatch, capsys):

@@ -1,7 +1,9 @@
 """StyleAligned with ControlNet on the tiny preset and a tiny ControlNet with random weights (ControlNetModel.from_unet,
-its zero convolutions redrawn so that it has a residual): the structure map, the reference's zero residual, and that at
-a zero conditioning scale the set is plain StyleAligned's."""
+its zero convolutions redrawn so that it has a residual): the structure map, the reference's zero residual, that at
+a zero conditioning scale the set is plain StyleAligned's, and the depth path with a tiny random depth model. On
+`tiny-pretrained` with the shipped `tiny-controlnet-canny`: the targets follow the control's edges."""
 from __future__ import annotations
+
 
 import numpy as np
 import pytest
@@ -11,11 +13,13 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
 from style_factory.config import ConfigError, TrainConfig, load_run_config, load_styles
-from style_factory.control import canny_map
+from style_factory.control import canny_map, depth_map, edge_alignment
 from style_factory.families import get_family
 from style_factory.hub import MissingModels, resolve_models
 from style_factory.methods import get_method
+from style_factory.models import TINY_CONTROLNET_CANNY, TINY_PRETRAINED, shipped_model
 from style_factory.run import REGISTRY
+from style_factory.toyworld import caption, render_plain, scene_from_seed
 from tests.helpers import load_sd1_pipeline, make_style
 from tests.test_styledrop import CAPTIONS, STYLE
 from tests.test_textboost import make_job
@@ -76,7 +80,7 @@ def tiny_controlnet(tmp_path_factory, tiny_model) -> str:
     return str(folder)
 
 
-def sampler_for(tmp_path, tiny_model, **options):
+def sampler_for(tmp_path, tiny_model, **options):  # tiny_model: any sd1 base folder
     """StyleAligned's model folder (a generated reference, so no inversion) and its sampler, as evaluation loads it."""
     tmp_path.mkdir()
     train = {"method_options": {"stylealigned": {"reference": "generated", **options}}}
@@ -87,9 +91,9 @@ def sampler_for(tmp_path, tiny_model, **options):
     return method.load_for_sampling(family, tiny_model, str(out), "cpu"), out
 
 
-def draw(sampler) -> np.ndarray:
-    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
-    return sampler(PROMPTS, generator=generators, height=64, width=64, num_inference_steps=2, guidance_scale=5.0,
+def draw(sampler, prompts: list[str] = PROMPTS, steps: int = 2) -> np.ndarray:
+    generators = [torch.Generator().manual_seed(seed) for seed in range(1, 1 + len(prompts))]
+    return sampler(prompts, generator=generators, height=64, width=64, num_inference_steps=steps, guidance_scale=5.0,
                    output_type="np").images
 
 
@@ -139,3 +143,79 @@ def test_the_controlnet_is_found_offline_before_any_compute_and_handed_over_as_i
         else:
             resolve_models(run, styles, str(config))
             assert run.train.method_options["stylealigned"]["controlnet"] == str(staged)
+
+
+def tiny_depth_model(folder) -> str:
+    """A DPT depth estimator at toy size with random weights, and its image processor, as a local folder."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_a_depth_model_gives_the_map_a_depth_controlled_set_follows(tmp_path, tiny_model, tiny_controlnet):
+    content = tmp_path / "content.png"
+    square().save(content)
+    depth_model = tiny_depth_model(tmp_path / "dpt")
+    sampler, folder = sampler_for(tmp_path / "depth", tiny_model, control="depth", controlnet=tiny_controlnet,
+                                  control_image=str(content), depth_model=depth_model, control_scale=1.0)
+    stored = np.asarray(Image.open(folder / "control.png"))
+    assert stored.shape == (64, 64, 3) and stored.min() == 0 and stored.max() == 255  # normalised to 0-255
+    np.testing.assert_array_equal(stored, np.asarray(depth_map(square(), depth_model, "cpu")))
+    images = draw(sampler)
+    zero, _ = sampler_for(tmp_path / "zero", tiny_model, control="depth", controlnet=tiny_controlnet,
+                          control_image=str(content), depth_model=depth_model, control_scale=0.0)
+    assert images.shape == (2, 64, 64, 3) and np.abs(images - draw(zero)).max() > 1e-3  # the depth map steers them
+
+
+def test_edge_alignment_is_high_on_the_edges_and_chance_off_them():
+    control = canny_map(square(), 100, 200)
+    assert edge_alignment(square(), control) == 1.0
+    shifted = np.zeros((64, 64, 3), np.uint8)
+    shifted[2:10, 52:62] = 255  # a rectangle away from the square's outline
+    assert edge_alignment(Image.fromarray(shifted), control) == 0.0
+    assert edge_alignment(Image.new("RGB", (64, 64)), control) == 0.0  # no edges at all
+
+
+def as_image(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+HELD_OUT_SCENES = (710_000_000, 710_000_001, 710_000_002)  # toy scenes no ControlNet or UNet step trained on
+
+
+@pytest.mark.slow
+def test_the_shipped_canny_controlnet_makes_the_targets_follow_the_edges(tmp_path):
+    """Each held-out scene's Canny map as the control: the targets' own edges lie on the control's edges more often
+    than plain StyleAligned's on the same prompts and seeds (the random ControlNet above would not do this)."""
+    base, steps = str(shipped_model(TINY_PRETRAINED)), 8
+    prompts = [caption(scene_from_seed(seed)) for seed in HELD_OUT_SCENES]
+    plain = draw(sampler_for(tmp_path / "plain", base)[0], prompts, steps)
+    followed, ignored = [], []
+    for seed in HELD_OUT_SCENES:
+        content = tmp_path / f"scene-{seed}.png"
+        render_plain(scene_from_seed(seed), 64).save(content)
+        control = canny_map(Image.open(content), 100, 200)
+        sampler, _ = sampler_for(tmp_path / f"control-{seed}", base, control="canny", control_image=str(content),
+                                 controlnet=str(shipped_model(TINY_CONTROLNET_CANNY)), control_scale=1.0)
+        followed += [edge_alignment(as_image(image), control) for image in draw(sampler, prompts, steps)]
+        ignored += [edge_alignment(as_image(image), control) for image in plain]
+    print(f"edge alignment: {np.mean(followed):.3f} with the map, {np.mean(ignored):.3f} without")
+    assert np.mean(followed) > np.mean(ignored) + 0.15, (followed, ignored)
+
+
+def test_the_shipped_controlnet_is_found_by_its_name(tmp_path):
+    make_style(tmp_path / "styles", "ink", "zqx")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"styles_dir": "styles", "train": {"method_options": {"stylealigned": {
+        "control": "canny", "controlnet": TINY_CONTROLNET_CANNY, "control_image": "content.png"}}}}))
+    run = load_run_config(config, REGISTRY)
+    resolve_models(run, load_styles(run, REGISTRY), str(config))
+    assert run.train.method_options["stylealigned"]["controlnet"] == str(shipped_model(TINY_CONTROLNET_CANNY))
+    assert ControlNetModel.load_config(run.train.method_options["stylealigned"]["controlnet"])["in_channels"] == 4

@@ -1,6 +1,6 @@
 """Training methods: each module states only what differs from the shared loop (style_factory/loop.py); a method is
 registered by one line below."""
-from style_factory.config import SUBJECT_METHOD, StyleConfig
+from style_factory.config import StyleConfig
 from style_factory.methods.base import Method
 from style_factory.methods.content import Content
 from style_factory.methods.dreambooth import DreamBooth
@@ -17,7 +17,6 @@ METHODS: dict[str, type[Method]] = {
     "styledrop": StyleDrop,
     "content": Content,
 }
-STYLE_METHODS = [name for name in METHODS if name != SUBJECT_METHOD]  # what a style may train; a subject: content
 
 
 def get_method(name: str, style: StyleConfig | None = None) -> Method:
