@@ -1,9 +1,8 @@
 """StyleAligned with ControlNet on the tiny preset and a tiny ControlNet with random weights (ControlNetModel.from_unet,
 its zero convolutions redrawn so that it has a residual): the structure map, the reference's zero residual, that at
-a zero conditioning scale the set is plain StyleAligned's, and the depth path with a tiny random depth model. On
-`tiny-pretrained` with the shipped `tiny-controlnet-canny`: the targets follow the control's edges."""
+a zero conditioning scale the set is plain StyleAligned's, the depth path with a tiny random depth model, and that the
+shipped `tiny-controlnet-canny` is found by its name."""
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
@@ -17,9 +16,8 @@ from style_factory.control import canny_map, depth_map, edge_alignment
 from style_factory.families import get_family
 from style_factory.hub import MissingModels, resolve_models
 from style_factory.methods import get_method
-from style_factory.models import TINY_CONTROLNET_CANNY, TINY_PRETRAINED, shipped_model
+from style_factory.models import TINY_CONTROLNET_CANNY, shipped_model
 from style_factory.run import REGISTRY
-from style_factory.toyworld import caption, render_plain, scene_from_seed
 from tests.helpers import load_sd1_pipeline, make_style
 from tests.test_styledrop import CAPTIONS, STYLE
 from tests.test_textboost import make_job
@@ -181,33 +179,6 @@ def test_edge_alignment_is_high_on_the_edges_and_chance_off_them():
     shifted[2:10, 52:62] = 255  # a rectangle away from the square's outline
     assert edge_alignment(Image.fromarray(shifted), control) == 0.0
     assert edge_alignment(Image.new("RGB", (64, 64)), control) == 0.0  # no edges at all
-
-
-def as_image(pixels: np.ndarray) -> Image.Image:
-    return Image.fromarray((pixels * 255).round().astype(np.uint8))
-
-
-HELD_OUT_SCENES = (710_000_000, 710_000_001, 710_000_002)  # toy scenes no ControlNet or UNet step trained on
-
-
-@pytest.mark.slow
-def test_the_shipped_canny_controlnet_makes_the_targets_follow_the_edges(tmp_path):
-    """Each held-out scene's Canny map as the control: the targets' own edges lie on the control's edges more often
-    than plain StyleAligned's on the same prompts and seeds (the random ControlNet above would not do this)."""
-    base, steps = str(shipped_model(TINY_PRETRAINED)), 8
-    prompts = [caption(scene_from_seed(seed)) for seed in HELD_OUT_SCENES]
-    plain = draw(sampler_for(tmp_path / "plain", base)[0], prompts, steps)
-    followed, ignored = [], []
-    for seed in HELD_OUT_SCENES:
-        content = tmp_path / f"scene-{seed}.png"
-        render_plain(scene_from_seed(seed), 64).save(content)
-        control = canny_map(Image.open(content), 100, 200)
-        sampler, _ = sampler_for(tmp_path / f"control-{seed}", base, control="canny", control_image=str(content),
-                                 controlnet=str(shipped_model(TINY_CONTROLNET_CANNY)), control_scale=1.0)
-        followed += [edge_alignment(as_image(image), control) for image in draw(sampler, prompts, steps)]
-        ignored += [edge_alignment(as_image(image), control) for image in plain]
-    print(f"edge alignment: {np.mean(followed):.3f} with the map, {np.mean(ignored):.3f} without")
-    assert np.mean(followed) > np.mean(ignored) + 0.15, (followed, ignored)
 
 
 def test_the_shipped_controlnet_is_found_by_its_name(tmp_path):
