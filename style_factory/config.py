@@ -372,6 +372,9 @@ class SweepConfig(Strict):
                 if isinstance(values, list) and not values:
                     raise ValueError(f"{method}.{name}: an empty list of values")
                 samples = values if isinstance(values, list) else [values.low, values.high]
+                if registry is not None and not registry.methods[method].trains and not name.startswith(OPTION_PREFIX):
+                    raise ValueError(f"{method}.{name}: {method} trains nothing; sweep its own options, "
+                                     f"{OPTION_PREFIX}<option>")
                 if name.startswith(OPTION_PREFIX):
                     if registry is not None:
                         options = registry.methods[method].Options

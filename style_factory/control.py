@@ -11,8 +11,12 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
+
+CONTROL_MAP = "control.png"  # in a controlled model's folder: the map its targets follow
+# and the Canny edges of its content image, which evaluation scores its set against
+# (edge_alignment); for canny the control map itself, for depth the content's own outlines.
+CONTROL_EDGES = "control_edges.png"
 
 
 def canny_map(image: Image.Image, low: int, high: int) -> Image.Image:
@@ -42,10 +46,12 @@ def depth_map(image: Image.Image, model_folder: str, device: str) -> Image.Image
     return Image.fromarray(np.repeat(depth[..., None], 3, axis=-1)).resize(image.size, Image.Resampling.BICUBIC)
 
 
-def zero_reference_residuals(controlnet: torch.nn.Module, group_size: Callable[[], int]) -> None:
+def zero_reference_residuals(controlnet, group_size: Callable[[], int]) -> None:
     """Make `controlnet`'s residuals zero on every reference row: the batch is made of groups of `group_size()` rows,
     each led by its reference (under classifier-free guidance, two such groups), so the reference is denoised as by
     the plain model while its targets follow the structure map."""
+    import torch  # imported here: the report reads this module's file names without loading torch
+
     def hook(_module, _args, output):
         down, mid = output
         keep = torch.ones(mid.shape[0], dtype=mid.dtype, device=mid.device)

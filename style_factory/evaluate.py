@@ -32,6 +32,7 @@ from PIL import Image
 
 from style_factory import metrics
 from style_factory.config import STYLE_ADAPTER_METHOD, SUBJECT_METHOD, ComposeConfig, Style
+from style_factory.control import CONTROL_EDGES, edge_alignment
 from style_factory.files import (code_version, make_temp_dir, read_json, replace_dir_atomic, sha256_of, write_json_atomic,
                             write_parquet_atomic)
 from style_factory.families import FAMILIES
@@ -67,6 +68,8 @@ RESULTS_SCHEMA = pa.schema([
     ("subject", pa.string()), ("gamma", pa.float64()), ("content_clip_i", pa.float64()),
     ("content_clip_i_ci_low", pa.float64()), ("content_clip_i_ci_high", pa.float64()), ("content_dino", pa.float64()),
     ("content_dino_ci_low", pa.float64()), ("content_dino_ci_high", pa.float64()),
+    ("edge_alignment", pa.float64()), ("edge_alignment_ci_low", pa.float64()),
+    ("edge_alignment_ci_high", pa.float64()),
     ("inception_backbone", pa.string()), ("clip_backbone", pa.string()), ("dino_backbone", pa.string()),
     ("csd_backbone", pa.string()),
     ("backbones_real", pa.bool_()), ("backbone_sha256", pa.string()),
@@ -81,6 +84,8 @@ FEATURES_SCHEMA = pa.schema([
 ])
 # a composition's similarity to its subject's images (NaN for every other model)
 CONTENT_COLUMNS = [f"{name}{part}" for name in ("content_clip_i", "content_dino") for part in ("", "_ci_low", "_ci_high")]
+# a controlled set's agreement with its content's edges (NaN for every model without a structure map)
+EDGE_COLUMNS = ["edge_alignment", "edge_alignment_ci_low", "edge_alignment_ci_high"]
 SCORES_DIR = "scores"  # per style: the rows and features that results.parquet and features.parquet gather
 STEP_COLUMN = "step"  # results' column of the training step a model's weights are from
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "clean-fid", "open_clip_torch", "pyarrow", "scipy")
@@ -204,6 +209,12 @@ def composition_entry(run: Run, job: SampleJob) -> dict:
     return {"subject": subject, "gamma": job.gamma, "subject_images": reference_images(run, subject)}
 
 
+def control_entry(job: SampleJob) -> dict:
+    """A controlled model's extra field for scoring: the edges its set follows, where its folder has them."""
+    edges = Path(job.model_dir) / CONTROL_EDGES if job.model_dir else None
+    return {"control_edges": str(edges)} if edges is not None and edges.is_file() else {}
+
+
 def content_scores(gen_clip: np.ndarray, gen_dino: np.ndarray, subject_clip: np.ndarray, subject_dino: np.ndarray,
                    seed: int) -> dict:
     """DreamBooth's subject fidelity: per image, its mean CLIP (CLIP-I) and DINO cosine to the subject's images,
@@ -216,6 +227,15 @@ def content_scores(gen_clip: np.ndarray, gen_dino: np.ndarray, subject_clip: np.
         scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = metrics.percentile_interval(
             per_image[resamples].mean(axis=1))
     return scores
+
+
+def edge_scores(paths: list[str], edges_path: str, seed: int) -> dict:
+    """How closely a controlled set follows its structure: per image, the share of its Canny edges near the content's
+    (control.edge_alignment), averaged, with a 95% interval from the same seeded bootstrap over the images."""
+    edges = Image.open(edges_path)
+    per_image = np.array([edge_alignment(Image.open(path).convert("RGB"), edges) for path in paths])
+    low, high = metrics.percentile_interval(per_image[metrics.bootstrap_indices(len(paths), seed)].mean(axis=1))
+    return dict(zip(EDGE_COLUMNS, (float(per_image.mean()), low, high)))
 
 
 def reference_images(run: Run, style: str, role: str = "ref") -> list[str]:
@@ -407,6 +427,8 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
                                           no_index)
                 composition = {"subject": entry["subject"], "gamma": entry["gamma"],
                                **content_scores(gen_clip, gen_dino, *subjects[key][1:], seed)}
+            edges = (edge_scores(entry["images"], entry["control_edges"], seed) if "control_edges" in entry
+                     else dict.fromkeys(EDGE_COLUMNS, float("nan")))
             text_emb = clip.embed_texts(entry["texts"])
             scores = image_scores(feats, gen_clip, gen_dino, entry["seeds"], text_emb, ref_feats, ref_clip, seed)
             pairs = list(zip(entry["prompt_indices"], entry["seeds"]))
@@ -419,7 +441,7 @@ def score_entries(entries: list[dict], inception, clip, dino, seed: int, run_id:
                          **scores, **change, **heldout_scores(feats, gen_clip, *heldout[style][:2], seed),
                          **csd_scores(csd_embeddings.get((style, method)), csd_embeddings.get((style, "ref")),
                                       csd_embeddings.get((style, "heldout")), seed),
-                         **inception_scores(feats, inception.class_weight, seed), **composition,
+                         **inception_scores(feats, inception.class_weight, seed), **composition, **edges,
                          **backbone_names})
         except (OSError, ValueError) as err:  # one unscorable model must not lose the others' rows
             rows.append({"style": style, "method": method, "error": f"{type(err).__name__}: {err}"})
@@ -514,7 +536,7 @@ def evaluate(run: Run, trained: dict[tuple[str, str], str]) -> Path | None:
                         "images": [str(Path(job.out_dir) / sample_name(i, seed)) for i, seed in pairs],
                         "prompt_indices": [i for i, _ in pairs], "seeds": [seed for _, seed in pairs],
                         "texts": [contents[i] for i, _ in pairs], "reference": references[job.style],
-                        "heldout": heldout[job.style], **composition_entry(run, job)})
+                        "heldout": heldout[job.style], **composition_entry(run, job), **control_entry(job)})
         by_key[(job.style, Path(job.out_dir).name)] = job
     if not entries:
         return None

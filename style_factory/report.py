@@ -25,6 +25,7 @@ matplotlib.use("Agg")  # renders without a display (cluster nodes, CI)
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from style_factory.control import CONTROL_MAP
 from style_factory.files import make_temp_dir, read_json, replace_dir_atomic, write_text_atomic
 
 BASE_METHOD = "base"  # the untuned base model's rows
@@ -54,10 +55,12 @@ METRICS = (
     Metric("style_consistency", "Consistency", higher_is_better=True, scale=1.0, decimals=3),
     Metric("kid_heldout", "KID held-out ×10³", higher_is_better=False, scale=1000.0, decimals=2),
 )
-# shown only where some model has a value: CSD and Inception Score need their real weights
+# shown only where some model has a value: CSD and Inception Score need their real weights, edge alignment a
+# structure map (StyleAligned's control)
 OPTIONAL_METRICS = (
     Metric("style_sim_csd", "CSD style sim.", higher_is_better=True, scale=1.0, decimals=3),
     Metric("inception_score", "IS", higher_is_better=True, scale=1.0, decimals=2),
+    Metric("edge_alignment", "Edge align.", higher_is_better=True, scale=1.0, decimals=3),
 )
 # the columns that tell two models of one method apart, as the report labels them
 VARIANT_COLUMNS = {"train_seed": "seed", "step": "step"}
@@ -409,7 +412,8 @@ def metrics_table(rows: pd.DataFrame, metrics: tuple[Metric, ...], style_anchors
 
 
 def learning_section(results: pd.DataFrame, kid_metric: Metric) -> str:
-    """Did tuning learn the style? Per method and style, the KID change against the untuned base.
+    """Did tuning learn the style? Per model (as the leaderboard labels it) and style, the KID change against the
+    untuned base.
 
     A cell is green when the paired 95% interval of the change lies below 0 (red: above 0), and starred
     when the model's own KID interval also lies wholly below the base's, the stricter test. Empty for
@@ -421,13 +425,13 @@ def learning_section(results: pd.DataFrame, kid_metric: Metric) -> str:
     bases = results[results["method"] == BASE_METHOD].set_index("style")
     if models.empty or bases.empty:
         return ""
-    styles, methods = list(pd.unique(models["style"])), list(pd.unique(models["method"]))
+    styles, labels = list(pd.unique(models["style"])), list(pd.unique(models["model"]))
     scale = kid_metric.scale  # as the leaderboard shows KID
     body = []
-    for method in methods:
-        cells, learned, apart, scored = [f"<td>{esc(method)}</td>"], 0, 0, 0
+    for label in labels:  # one row per model, so that seeds, sweep points and steps of one method stay apart
+        cells, learned, apart, scored = [f"<td>{esc(label)}</td>"], 0, 0, 0
         for style in styles:
-            row = models[(models["method"] == method) & (models["style"] == style)]
+            row = models[(models["model"] == label) & (models["style"] == style)]
             change = row.iloc[0] if len(row) else None
             if change is None or not is_finite(change["kid_vs_base"]) or style not in bases.index:
                 cells.append('<td class="num">n/a</td>')
@@ -442,7 +446,7 @@ def learning_section(results: pd.DataFrame, kid_metric: Metric) -> str:
                          f" [{low * scale:+.1f}, {high * scale:+.1f}]</td>")
         cells.append(f'<td class="num">{learned} of {scored} ({apart}*)</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    headers = ["Method"] + styles + ["KID falls"]
+    headers = ["Model"] + styles + ["KID falls"]
     return (
         "<h2>Did tuning learn the style?</h2>"
         f'<p class="muted">{esc(kid_metric.label)} of each model minus the untuned base’s, on the same prompts and '
@@ -519,9 +523,24 @@ def style_section(run_dir: Path, style_rows: pd.DataFrame, prompts: list[dict], 
         "the same seeds. Click an image for its full size. Prompts:</p>"
         f'<ul class="muted">{templates}</ul>'
         f"{sample_grid(run_dir, models, prompts)}"
+        f"{structure_maps(run_dir, models)}"
         f"{feedback_candidates(run_dir, first['style'])}"
         "</section>"
     )
+
+
+def structure_maps(run_dir: Path, models: pd.DataFrame) -> str:
+    """The structure map each controlled model's targets follow (StyleAligned's control), under the model's label."""
+    maps = [(row["model"], run_dir / row["model_dir"] / CONTROL_MAP) for _, row in models.iterrows()
+            if row["model_dir"] and (run_dir / row["model_dir"] / CONTROL_MAP).is_file()]
+    if not maps:
+        return ""
+    cells = "".join(f"<figure>{img_tag(relative_src(run_dir, path), model, 'thumb')}"
+                    f'<figcaption class="muted">{esc(model)}</figcaption></figure>' for model, path in maps)
+    return ("<h3>Structure maps</h3>"
+            '<p class="muted">What each controlled set follows; its Edge align. is the share of its images\' edges '
+            "within 2 px of the content's Canny edges.</p>"
+            f'<div class="refs">{cells}</div>')
 
 
 def feedback_candidates(run_dir: Path, style: str) -> str:

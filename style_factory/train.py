@@ -87,16 +87,16 @@ def fit_group(group: list[TrainJob]) -> None:
 
 def model_variants(run: Run, style: Style, method: str) -> list[tuple[str, dict, TrainConfig]]:
     """The models of one style and method: one per sweep point (`sweep`) and training seed (`train.seeds`), each
-    (name, result columns, settings). A zero-shot method has one. The model of `train.seed` keeps the plain name
-    (adding seeds retrains nothing), another seed adds `-s<seed>`; a sweep point adds `-p<i>`."""
+    (name, result columns, settings). A zero-shot method has one per sweep point (its options; no training seed).
+    The model of `train.seed` keeps the plain name (adding seeds retrains nothing), another seed adds `-s<seed>`; a
+    sweep point adds `-p<i>`."""
     trains = METHODS[method].trains
-    points = list(enumerate(run.config.sweep.points(method))) if trains else []
     variants = []
-    for index, point in points or [(None, {})]:
+    for index, point in list(enumerate(run.config.sweep.points(method))) or [(None, {})]:
         cfg = style.train_config(run.config, method, point)
         for seed in cfg.training_seeds() if trains else [cfg.seed]:
             name = method + (f"-p{index}" if index is not None else "") + (f"-s{seed}" if seed != cfg.seed else "")
-            columns = {SEED_COLUMN: seed, **{f"{SWEEP_PREFIX}{k}": v for k, v in point.items()}} if trains else {}
+            columns = {**({SEED_COLUMN: seed} if trains else {}), **{f"{SWEEP_PREFIX}{k}": v for k, v in point.items()}}
             variants.append((name, columns, TrainConfig.model_validate({**cfg.model_dump(), "seed": seed,
                                                                          "seeds": None})))
     return variants

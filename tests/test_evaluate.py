@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from style_factory import backbones, metrics
-from style_factory.evaluate import FEATURES_SCHEMA, NOISE_FLOOR, image_scores, kid_change_scores, score_entries
+from style_factory.control import canny_map, edge_alignment
+from style_factory.evaluate import EDGE_COLUMNS, FEATURES_SCHEMA, NOISE_FLOOR, image_scores, kid_change_scores, score_entries
 
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 SEEDS = [0, 1]
@@ -202,3 +203,38 @@ def test_csd_style_similarity_and_the_inception_score_recompute_from_the_feature
     floor = rows[NOISE_FLOOR]
     assert floor["style_sim_csd"] == float(metrics.style_cosines(ref_csd[::2], ref_csd[1::2]).mean())
     assert math.isnan(floor["style_sim_csd_heldout"]) and "inception_score" not in floor
+
+
+def test_a_controlled_set_is_scored_on_its_edges_and_the_others_are_nan(toy_backbones, tmp_path):
+    """Two sets against one square's edges: the squares' own images follow them, the squares moved away do not."""
+    def squares(folder: Path, offsets: list[int]) -> list[str]:
+        folder.mkdir(parents=True)
+        paths = []
+        for i, offset in enumerate(offsets):
+            pixels = np.zeros((32, 32, 3), np.uint8)
+            pixels[8 + offset:24 + offset, 8:24] = 255
+            paths.append(str(folder / f"img_{i:03d}.png"))
+            Image.fromarray(pixels).save(paths[-1])
+        return paths
+
+    edges = tmp_path / "control_edges.png"
+    canny_map(Image.open(squares(tmp_path / "content", [0])[0]), 100, 200).save(edges)
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    common = {"style": "ink", "prompt_indices": [i for i, _ in pairs], "seeds": [s for _, s in pairs],
+              "texts": [PROMPTS[i] for i, _ in pairs], "reference": write_pngs(tmp_path / "ref", 4, 0, 0),
+              "heldout": write_pngs(tmp_path / "heldout", 2, 9, 0)}
+    entries = [{**common, "method": "base", "images": write_pngs(tmp_path / "base", 4, 1, 0)},
+               {**common, "method": "followed", "images": squares(tmp_path / "followed", [0, 0, 1, 0]),
+                "control_edges": str(edges)},
+               {**common, "method": "ignored", "images": squares(tmp_path / "ignored", [6, 7, 8, 6]),
+                "control_edges": str(edges)}]
+    rows = {row["method"]: row for row in score_entries(entries, *toy_backbones, seed=0, run_id="t",
+                                                        run_dir=tmp_path)[0]}
+    assert all(math.isnan(rows["base"][column]) for column in EDGE_COLUMNS)
+    for method in ("followed", "ignored"):
+        per_image = [edge_alignment(Image.open(path).convert("RGB"), Image.open(edges))
+                     for path in next(e for e in entries if e["method"] == method)["images"]]
+        row = rows[method]
+        assert row["edge_alignment"] == pytest.approx(np.mean(per_image))
+        assert row["edge_alignment_ci_low"] <= row["edge_alignment"] <= row["edge_alignment_ci_high"]
+    assert rows["followed"]["edge_alignment"] > 0.9 > 0.5 > rows["ignored"]["edge_alignment"]

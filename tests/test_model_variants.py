@@ -71,6 +71,8 @@ def test_a_sweep_that_cannot_run_fails_at_load_naming_the_field(tmp_path):
     assert "needs a budget" in config_error(
         tmp_path, sweep={"search": "random", "space": {"styleboost": {"learning_rate": [1e-4]}}})
     assert "seeds must be unique" in config_error(tmp_path, train={"seeds": [1, 1]})
+    assert "stylealigned.learning_rate: stylealigned trains nothing; sweep its own options" in config_error(
+        tmp_path, baselines=["stylealigned"], sweep={"space": {"stylealigned": {"learning_rate": [1e-4]}}})
 
 
 def finish(job: TrainJob) -> None:
@@ -205,3 +207,14 @@ def test_the_step_of_a_checkpoint_is_read_from_its_folder_name(tmp_path):
     [job, other] = plan_training(run_of(tmp_path, train={"max_steps": 4}, evaluate={"checkpoints": [2]}))
     assert checkpoint_step(job, Path(f"/x/{checkpoint_prefix(job)}-step_0000003")) == 3
     assert checkpoint_step(job, Path(f"/x/{checkpoint_prefix(other)}-step_0000003")) == 0
+
+
+def test_a_zero_shot_method_sweeps_its_options_as_models_without_a_training_seed(tmp_path):
+    sweep = {"space": {"stylealigned": {"method_options.shared_score_scale": [0.5, 1.0]}}}
+    jobs = [job for job in plan_training(run_of(tmp_path, baselines=["stylealigned"], sweep=sweep,
+                                                train={"seeds": [1337, 1338]})) if job.method == "stylealigned"]
+    assert [job.model_name for job in jobs] == ["stylealigned-p0", "stylealigned-p1"]  # the seeds train, it does not
+    assert [job.columns for job in jobs] == [{"sweep.method_options.shared_score_scale": 0.5},
+                                            {"sweep.method_options.shared_score_scale": 1.0}]
+    assert [job.train["method_options"]["stylealigned"]["shared_score_scale"] for job in jobs] == [0.5, 1.0]
+    assert len({job.key for job in jobs}) == 2

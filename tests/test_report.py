@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from style_factory.control import CONTROL_MAP
 from style_factory.evaluate import RESULTS_SCHEMA
 from style_factory.report import TOY_BACKBONE_WARNING, display_metrics, model_labels, write_report
 
@@ -383,3 +384,28 @@ def test_models_of_one_method_are_labelled_apart_and_optional_metrics_show_when_
     assert "style_sim_csd" not in [m.column for m in display_metrics(results)]
     results.loc[1, "style_sim_csd"] = 0.4
     assert [m.label for m in display_metrics(results)][-1] == "CSD style sim."
+
+
+def test_a_controlled_set_shows_its_structure_map_and_edge_alignment(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"watercolor": ["base", "stylealigned"]})
+    table = pq.read_table(run_dir / "results.parquet").to_pandas()
+    table["edge_alignment"] = [math.nan, 0.8]
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), run_dir / "results.parquet")
+    write_png(run_dir / "models" / "watercolor" / "stylealigned" / CONTROL_MAP, (0, 0, 0))
+    parsed = parse(write_report(run_dir))
+    assert "models/watercolor/stylealigned/control.png" in parsed.img_srcs
+    assert "Edge align." in parsed.text and "Structure maps" in parsed.text
+    assert [cell for _, cell in parsed.leaderboard_rows[1]].count("0.800") == 1  # the controlled row's value
+    assert "0.800" not in [cell for _, cell in parsed.leaderboard_rows[0]]
+
+
+def test_the_learning_table_has_a_row_per_model_of_one_method(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", {"watercolor": ["base", "styleboost", "styleboost"]})
+    results = pq.read_table(run_dir / "results.parquet").to_pandas()
+    results["train_seed"] = [None, 1337, 1338]
+    results[["kid_vs_base", "kid_vs_base_ci_low", "kid_vs_base_ci_high"]] = [[math.nan] * 3, [-0.02, -0.03, -0.01],
+                                                                            [0.01, 0.005, 0.015]]
+    pq.write_table(pa.Table.from_pandas(results, preserve_index=False), run_dir / "results.parquet")
+    rows = parse(write_report(run_dir)).table_rows["learning"]
+    assert [row[0][1] for row in rows] == ["styleboost seed=1337", "styleboost seed=1338"]
+    assert [row[1][0] for row in rows] == ["num learned", "num worse"]

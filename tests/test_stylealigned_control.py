@@ -1,7 +1,8 @@
 """StyleAligned with ControlNet on the tiny preset and a tiny ControlNet with random weights (ControlNetModel.from_unet,
 its zero convolutions redrawn so that it has a residual): the structure map, the reference's zero residual, that at
 a zero conditioning scale the set is plain StyleAligned's, the depth path with a tiny random depth model, and that the
-shipped `tiny-controlnet-canny` is found by its name."""
+shipped `tiny-controlnet-canny` is found by its name. On `tiny-pretrained` with the shipped ControlNet: the targets
+follow the control's edges."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +13,13 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
 from style_factory.config import ConfigError, TrainConfig, load_run_config, load_styles
-from style_factory.control import canny_map, depth_map, edge_alignment
+from style_factory.control import CONTROL_EDGES, canny_map, depth_map, edge_alignment
 from style_factory.families import get_family
 from style_factory.hub import MissingModels, resolve_models
 from style_factory.methods import get_method
-from style_factory.models import TINY_CONTROLNET_CANNY, shipped_model
+from style_factory.models import TINY_CONTROLNET_CANNY, TINY_PRETRAINED, shipped_model
 from style_factory.run import REGISTRY
+from style_factory.toyworld import caption, render_plain, scene_from_seed
 from tests.helpers import load_sd1_pipeline, make_style
 from tests.test_styledrop import CAPTIONS, STYLE
 from tests.test_textboost import make_job
@@ -98,15 +100,16 @@ def draw(sampler, prompts: list[str] = PROMPTS, steps: int = 2) -> np.ndarray:
 @pytest.mark.slow
 def test_zero_scale_is_plain_stylealigned_and_the_reference_gets_no_residual(tmp_path, tiny_model, tiny_controlnet):
     content = tmp_path / "content.png"
-    square().save(content)
+    square(96).save(content)  # larger than the run's 64 px: its map is made at the sampling size
     control = {"control": "canny", "controlnet": tiny_controlnet, "control_image": str(content)}
     plain, _ = sampler_for(tmp_path / "plain", tiny_model)
     expected = draw(plain)
 
     zero, folder = sampler_for(tmp_path / "zero", tiny_model, **control, control_scale=0.0)
     assert isinstance(zero.control[0], StableDiffusionControlNetPipeline)  # the family's ControlNet pipeline
-    np.testing.assert_array_equal(np.asarray(Image.open(folder / "control.png")),
-                                  np.asarray(canny_map(square(), 100, 200)))  # computed offline, stored
+    expected_map = np.asarray(canny_map(square(96).resize((64, 64), Image.Resampling.BICUBIC), 100, 200))
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "control.png")), expected_map)  # offline, stored
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / CONTROL_EDGES)), expected_map)  # what is scored
     np.testing.assert_allclose(draw(zero), expected, atol=1e-6)
 
     full, _ = sampler_for(tmp_path / "full", tiny_model, **control, control_scale=1.0)
@@ -166,6 +169,8 @@ def test_a_depth_model_gives_the_map_a_depth_controlled_set_follows(tmp_path, ti
     stored = np.asarray(Image.open(folder / "control.png"))
     assert stored.shape == (64, 64, 3) and stored.min() == 0 and stored.max() == 255  # normalised to 0-255
     np.testing.assert_array_equal(stored, np.asarray(depth_map(square(), depth_model, "cpu")))
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / CONTROL_EDGES)),  # the content's own outlines
+                                  np.asarray(canny_map(square(), 100, 200)))
     images = draw(sampler)
     zero, _ = sampler_for(tmp_path / "zero", tiny_model, control="depth", controlnet=tiny_controlnet,
                           control_image=str(content), depth_model=depth_model, control_scale=0.0)
@@ -190,3 +195,31 @@ def test_the_shipped_controlnet_is_found_by_its_name(tmp_path):
     resolve_models(run, load_styles(run, REGISTRY), str(config))
     assert run.train.method_options["stylealigned"]["controlnet"] == str(shipped_model(TINY_CONTROLNET_CANNY))
     assert ControlNetModel.load_config(run.train.method_options["stylealigned"]["controlnet"])["in_channels"] == 4
+
+
+def as_image(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+HELD_OUT_SCENES = range(710_000_000, 710_000_008)  # toy scenes no ControlNet or UNet step trained on
+
+
+@pytest.mark.slow
+def test_the_shipped_canny_controlnet_makes_the_targets_follow_the_edges(tmp_path):
+    """Each held-out scene's Canny map as the control and its caption as the target's prompt (as the ControlNet was
+    trained): the target's own edges lie on the control's edges more often than plain StyleAligned's on the same
+    prompt and seed. The reference is generated, so its layout is not the scene's."""
+    base, steps = str(shipped_model(TINY_PRETRAINED)), 8
+    plain, _ = sampler_for(tmp_path / "plain", base)
+    followed, ignored = [], []
+    for seed in HELD_OUT_SCENES:
+        content = tmp_path / f"scene-{seed}.png"
+        render_plain(scene_from_seed(seed), 64).save(content)
+        control, prompt = canny_map(Image.open(content), 100, 200), [caption(scene_from_seed(seed))]
+        sampler, _ = sampler_for(tmp_path / f"control-{seed}", base, control="canny", control_image=str(content),
+                                 controlnet=str(shipped_model(TINY_CONTROLNET_CANNY)), control_scale=1.0)
+        followed.append(edge_alignment(as_image(draw(sampler, prompt, steps)[0]), control))
+        ignored.append(edge_alignment(as_image(draw(plain, prompt, steps)[0]), control))
+    print(f"edge alignment: {np.mean(followed):.3f} with the map, {np.mean(ignored):.3f} without")
+    assert np.mean(followed) > np.mean(ignored) + 0.15, (followed, ignored)
+    assert sum(f > i for f, i in zip(followed, ignored)) >= 6, (followed, ignored)  # most scenes, not one or two

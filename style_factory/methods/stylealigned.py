@@ -10,13 +10,14 @@ the reference's statistics. The reference is one of (`reference`):
   It attends to itself only, so every set of the model shares the same reference.
 
 With `control: canny | depth` the set also follows a structure map through a ControlNet (the paper's third
-application): the map is computed once, offline, from `control_image` (Canny edges, or a configured depth model's
-depth: style_factory/control.py), every target gets its residual at `control_scale`, and the reference row a zero
+application): the map is computed once, offline, from `control_image` resized to the run's resolution (Canny
+edges, or a configured depth model's depth: style_factory/control.py), every target gets its residual at `control_scale`, and the reference row a zero
 residual, so the reference is denoised as without ControlNet. The family's ControlNet pipeline (its
 `controlnet_pipeline_class`) shares the base pipeline's components.
 
 The "model" is the base model plus that reference: a folder with the reference image, its prompt, the options,
-(inverted) the trajectory for `inversion_steps`, and (control) the structure map `control.png`.
+(inverted) the trajectory for `inversion_steps`, and (control) the structure map `control.png` and the content's
+Canny edges `control_edges.png`, which evaluation scores the set's `edge_alignment` against.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from style_factory.config import ConfigPath, StyleConfig, TrainConfig
-from style_factory.control import canny_map, depth_map, zero_reference_residuals
+from style_factory.control import CONTROL_EDGES, CONTROL_MAP, canny_map, depth_map, zero_reference_residuals
 from style_factory.data import StyleData
 from style_factory.families.base import Family
 from style_factory.methods.base import Method
@@ -241,10 +242,13 @@ class StyleAligned(Method):
             save_file({"latents": trajectory.cpu().contiguous()}, out_dir / "trajectory.safetensors")
             reference.save(out_dir / "reference.png")
         if opts.control != "none":
-            content = Image.open(opts.control_image).convert("RGB")
-            structure = (canny_map(content, opts.canny_low, opts.canny_high) if opts.control == "canny"
-                         else depth_map(content, opts.depth_model, device))
-            structure.save(out_dir / "control.png")
+            # at the sampling size, as ControlNets were trained: a map resized afterwards has blurred, wider edges
+            content = Image.open(opts.control_image).convert("RGB").resize((data.resolution, data.resolution),
+                                                                           Image.Resampling.BICUBIC)
+            edges = canny_map(content, opts.canny_low, opts.canny_high)
+            structure = edges if opts.control == "canny" else depth_map(content, opts.depth_model, device)
+            structure.save(out_dir / CONTROL_MAP)
+            edges.save(out_dir / CONTROL_EDGES)
         (out_dir / "reference.json").write_text(json.dumps({"caption": caption, "options": opts.model_dump()}))
 
     def load_for_sampling(self, family: Family, base_model: str, model_dir: str, device: str) -> StyleAlignedSampler:
@@ -258,7 +262,7 @@ class StyleAligned(Method):
                 raise ValueError(f"control: {opts.control}: the {family.name} family has no ControlNet pipeline")
             controlnet = ControlNetModel.from_pretrained(opts.controlnet).to(device)
             control = (family.controlnet_pipeline_class.from_pipe(pipe, controlnet=controlnet),
-                       Image.open(folder / "control.png").convert("RGB"))
+                       Image.open(folder / CONTROL_MAP).convert("RGB"))
         if opts.reference == "generated":
             return StyleAlignedSampler(pipe, None, meta["caption"], opts, None, control)
         return StyleAlignedSampler(pipe, Image.open(folder / "reference.png").convert("RGB"), meta["caption"], opts,
