@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-CONTROL_MAP = "control.png"  # in a controlled model's folder: the map its targets follow
-# and the Canny edges of its content image, which evaluation scores its set against
-# (edge_alignment); for canny the control map itself, for depth the content's own outlines.
+# In a controlled model's folder: the map its targets follow, and the Canny edges of its content image that
+# evaluation scores the set against (edge_alignment): for canny the map itself, for depth the content's outlines.
+CONTROL_MAP = "control.png"
 CONTROL_EDGES = "control_edges.png"
 
 

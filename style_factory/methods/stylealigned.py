@@ -11,9 +11,9 @@ the reference's statistics. The reference is one of (`reference`):
 
 With `control: canny | depth` the set also follows a structure map through a ControlNet (the paper's third
 application): the map is computed once, offline, from `control_image` resized to the run's resolution (Canny
-edges, or a configured depth model's depth: style_factory/control.py), every target gets its residual at `control_scale`, and the reference row a zero
-residual, so the reference is denoised as without ControlNet. The family's ControlNet pipeline (its
-`controlnet_pipeline_class`) shares the base pipeline's components.
+edges, or a configured depth model's depth: style_factory/control.py), every target gets its residual at
+`control_scale`, and the reference row a zero residual, so the reference is denoised as without ControlNet. The
+family's ControlNet pipeline (its `controlnet_pipeline_class`) shares the base pipeline's components.
 
 The "model" is the base model plus that reference: a folder with the reference image, its prompt, the options,
 (inverted) the trajectory for `inversion_steps`, and (control) the structure map `control.png` and the content's
