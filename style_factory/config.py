@@ -441,6 +441,9 @@ class RunConfig(Strict):
     # Trainings in flight at once; None = as many as the cluster's current CPUs/GPUs fit. On an autoscaling
     # cluster set it to what the cluster can grow to, so waiting trainings ask the autoscaler for nodes.
     max_concurrent_trainings: int | None = Field(None, ge=1)
+    # CPUs a local Ray instance offers its tasks; None = every core. Ignored when joining a cluster (RAY_ADDRESS).
+    # Fewer CPUs run fewer trainings and sampler actors side by side, each paying its own start-up and imports.
+    local_cpus: int | None = Field(None, ge=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

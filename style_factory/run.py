@@ -206,9 +206,10 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "err
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def start_ray() -> bool:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local instance; True when this
-    call did either (the caller stops it again), False when Ray was already running in this process."""
+def start_ray(local_cpus: int | None = None) -> bool:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local instance offering
+    `local_cpus` CPUs (None: every core); True when this call did either (the caller stops it again), False when Ray
+    was already running in this process."""
     import ray
 
     if ray.is_initialized():
@@ -225,9 +226,10 @@ def start_ray() -> bool:
             dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "not running"
             print(f"[ray] joined the cluster at {context.address_info['address']}; dashboard: {dashboard}", flush=True)
         else:
-            context = start_local_ray(env_vars)
-            print(f"[ray] local instance started; worker logs in {context.address_info['session_dir']}/logs",
-                  flush=True)
+            context = start_local_ray(env_vars, local_cpus)
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            print(f"[ray] local instance started, {cpus} CPU{'s' * (cpus != 1)}; worker logs in "
+                  f"{context.address_info['session_dir']}/logs", flush=True)
     except BaseException:  # a Ctrl-C halfway through start-up: stop what did start
         ray.shutdown()
         raise
@@ -236,14 +238,15 @@ def start_ray() -> bool:
     return True
 
 
-def start_local_ray(env_vars: dict[str, str], attempts: int = 2):
+def start_local_ray(env_vars: dict[str, str], num_cpus: int | None = None, attempts: int = 2):
     """A local Ray instance, its worker logs kept in Ray's log folder (stage outcomes and errors reach the driver as
     results). Ray gives its raylet 30 s to register, which a machine busy with other work can miss: then once more."""
     import ray
 
     for attempt in range(1, attempts + 1):
         try:
-            return ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+            return ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                            runtime_env={"env_vars": env_vars})
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(err) or attempt == attempts:
                 raise
@@ -262,7 +265,7 @@ def run_job(args: argparse.Namespace, stages: Callable[[Run], int], uses_ray: bo
     try:
         run.open()
         with run.timed("ray start"):
-            stop_ray = uses_ray and start_ray()
+            stop_ray = uses_ray and start_ray(run.config.local_cpus)
         try:
             with watch_progress() if uses_ray else nullcontext():
                 return stages(run)

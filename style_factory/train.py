@@ -1,17 +1,16 @@
 """Train: every (style, method) fanned out over the cluster; one loop shared by every method and family.
 
-The jobs are dealt into as many groups as the cluster trains at once. A group is one Ray Train run whose
-workers (style_factory/worker.py) load the base model once and train the group's jobs in turn, each on a fresh copy of
-the base kept in host memory: a style pays no process start-up and no model load of its own. Checkpoints live under
-`<run>/ray_train/<group>/` (a one-job group is named `<style>-<method>-<key>`); rerunning the same job
-forms the same groups and resumes from the last checkpoint. Each finished model is exported to
-`<run>/models/<style>/<method>/` (style_factory/export.py), with `model_card.json` recording the key that
-decides whether it is up to date.
+The jobs are dealt into as many groups as the cluster trains at once. A group is one Ray Train run
+(style_factory/train_group.py) whose workers (style_factory/worker.py) load the base model once and train the
+group's jobs in turn, each on a fresh copy of the base kept in host memory: a style pays no process start-up and no
+model load of its own. Checkpoints live under `<run>/ray_train/<group>/` (a one-job group is named
+`<style>-<method>-<key>`); rerunning the same job forms the same groups and resumes from the last checkpoint. Each
+finished model is exported to `<run>/models/<style>/<method>/` (style_factory/export.py), with `model_card.json`
+recording the key that decides whether it is up to date.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -25,8 +24,8 @@ from style_factory.models import base_model_identity
 from style_factory.priors import class_image_dir, generate_class_images
 from style_factory.progress import report
 from style_factory.run import Run
+from style_factory.train_group import fit_group, group_name
 from style_factory.train_job import MODEL_CARD, TrainJob
-from style_factory.worker import train_loop_per_worker
 
 SEED_COLUMN = "train_seed"  # results' column of a trained model's training seed
 SWEEP_PREFIX = "sweep."  # results' columns of a sweep point's settings: sweep.learning_rate
@@ -58,31 +57,6 @@ def group_jobs(jobs: list[TrainJob], slots: int) -> list[list[TrainJob]]:
             min(dealt, key=lambda group: sum(map(steps, group))).append(job)
         groups += dealt
     return groups
-
-
-def group_name(group: list[TrainJob]) -> str:
-    """A one-job group keeps the job's trainer name; a larger one adds how many follow and their keys' hash."""
-    first = group[0].trainer_name
-    return first if len(group) == 1 else f"{first}+{len(group) - 1}-{sha256_of([j.key for j in group])[:8]}"
-
-
-@ray.remote(num_cpus=0)
-def fit_group(group: list[TrainJob]) -> None:
-    """One Ray Train run that trains the group's jobs in turn (train_loop_per_worker), resuming its checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cfg = TrainConfig.model_validate(group[0].train)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"jobs": [asdict(job) for job in group]},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=group_name(group), storage_path=group[0].storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    ).fit()
 
 
 def model_variants(run: Run, style: Style, method: str) -> list[tuple[str, dict, TrainConfig]]:

@@ -5,6 +5,7 @@ Builders and loaders the tests share live in tests/helpers.py.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import yaml
@@ -13,13 +14,16 @@ from style_factory.models import resolve_base_model
 from tests.helpers import copy_example_styles
 
 E2E_STYLES = ["pixel-art", "anime"]  # one with two tokens
+RAY_CPUS_PER_WORKER = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """Each xdist worker's Ray offers its share of the cores: two instances each claiming the whole machine run two
+    trainings and two sampler actors apiece side by side, each paying its own start-up on the same cores."""
     from style_factory.run import start_ray
 
-    start_ray()
+    start_ray(local_cpus=RAY_CPUS_PER_WORKER)
     import ray
 
     yield ray
@@ -69,9 +73,9 @@ def pytest_itemcollected(item):
 
 # The longest work units of `make test`, longest first (its --durations, a module's fixtures and tests together):
 # dealt first, so that the two workers end together. A module not named here follows them, `ray` modules first.
-LONGEST_FIRST = ["tests/test_faults.py", "tests/test_run_lifecycle.py", "e2e_run", "tests/test_reuse.py",
-                 "tests/test_families_e2e.py", "tests/test_pretrained.py", "tests/test_methods_e2e.py",
-                 "tests/test_fan_out.py", "tests/test_bench_gpu.py", "tests/test_model_variants.py"]
+LONGEST_FIRST = ["tests/test_faults.py", "tests/test_methods_e2e.py", "tests/test_run_lifecycle.py",
+                 "tests/test_families_e2e.py", "tests/test_pretrained.py", "tests/test_reuse.py",
+                 "tests/test_bench_gpu.py", "e2e_run", "tests/test_fan_out.py", "tests/test_model_variants.py"]
 
 
 def work_unit(nodeid: str) -> str:

@@ -29,6 +29,7 @@ def test_example_styles_and_configs_are_valid():
     ("train: {max_steps: ten}", "train.max_steps"),
     ("train: {learning_rate: -1}", "train.learning_rate: Input should be greater than 0"),
     ("model: {resolution: 100}", "model.resolution: Input should be a multiple of 8"),
+    ("local_cpus: 0", "local_cpus: Input should be greater than or equal to 1"),
     ("name: '../escape'", "name: Value error, must be a safe directory name"),
     ("methods: [dreambooth2]", "methods: Value error, unknown method 'dreambooth2'"),
     ("methods: [styleboost, content]", "methods: Value error, 'content' trains a subject's content adapter"),

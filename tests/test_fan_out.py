@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from style_factory.config import RunConfig, TrainConfig, load_styles
 from style_factory.curate import curate_styles
 from style_factory.run import REGISTRY, Run
-from style_factory.train import group_jobs, group_name, plan_training, train_all
+from style_factory.train import group_jobs, plan_training, train_all
+from style_factory.train_group import group_name
 from style_factory.train_job import TrainJob
 from tests.helpers import make_style
 

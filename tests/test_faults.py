@@ -9,6 +9,7 @@ only if no checkpoint step was trained (and reported) twice.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ from tests.test_report import make_run
 EVALUATE = {"prompts": ["a red circle on a blue background", "a yellow star above a green square"],
             "seeds": [0], "num_inference_steps": 2}
 QUICK_STEPS, QUICK_EVERY = 16, 4  # long enough to be training when slow's worker is killed at slow's first checkpoint
-SLOW_STEPS, SLOW_EVERY = 12, 2  # the worker killed at step 2, the job at 4 or later (its new worker's first)
+SLOW_STEPS, SLOW_EVERY = 16, 2  # the worker killed at step 2, the job at 4 or later (its new worker's first)
 
 
 def write_config(root: Path, name: str, train: dict) -> Path:
@@ -106,6 +107,7 @@ def run_job(command: list[str], log: Path, watch=None, timeout: float = 600):
 
     Returns (exit code, watch's value, the job's processes still alive 30 s after it ended). Ray's workers
     run in process groups of their own and should exit once their raylet is gone; any that do not are killed.
+    A kill takes every process of the job seen so far with it, as when its machine goes down.
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not this session's
     with log.open("a") as out:
@@ -126,6 +128,9 @@ def run_job(command: list[str], log: Path, watch=None, timeout: float = 600):
         if not killed and (stopped is not None or time.monotonic() > deadline):
             killed, timed_out = True, stopped is None
             os.killpg(job.pid, signal.SIGKILL)
+            for process in started.values():  # Ray's workers too, at once: left alone, one trains on for seconds
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
         time.sleep(0.05)
     _, alive = psutil.wait_procs(list(started.values()), timeout=30)
     for process in alive:
@@ -182,6 +187,7 @@ def faults_then_rerun(tmp_path_factory):
     code, faults.interrupted_at, _ = run_job(command, log, watch=faults)
     assert code == -signal.SIGKILL, log.read_text()[-3000:]
     assert not (run_dir / "summary.json").exists()  # the job never got to the end
+    assert not model_file(run_dir, "slow").exists(), "slow trained to the end before the kill: nothing to resume"
     quick_written = model_file(run_dir, "quick").stat().st_mtime_ns
     code, _, stray = run_job(command, log)
     return run_dir, config, faults, quick_written, code, stray, log

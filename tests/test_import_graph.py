@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "style_factory"
-STAGES = {"style_factory.curate", "style_factory.train", "style_factory.worker", "style_factory.export", "style_factory.generate",
-          "style_factory.evaluate", "style_factory.report", "style_factory.priors", "style_factory.run"}
+STAGES = {"style_factory.curate", "style_factory.train", "style_factory.train_group", "style_factory.worker",
+          "style_factory.export", "style_factory.generate", "style_factory.evaluate", "style_factory.report",
+          "style_factory.priors", "style_factory.run"}
 
 
 def module_name(path: Path) -> str:

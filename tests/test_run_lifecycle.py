@@ -36,7 +36,7 @@ TIMEOUT = 600  # seconds, for any one job: a hang guard, far above a tiny run be
 
 def write_config(root: Path, name: str, results_dir: Path) -> Path:
     config = {"name": name, "styles_dir": str(root / "styles"), "results_dir": str(results_dir), "baselines": [],
-              "train": TRAIN, "evaluate": EVALUATE}
+              "local_cpus": 1, "train": TRAIN, "evaluate": EVALUATE}  # one style: nothing to run side by side
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -256,6 +256,7 @@ def test_the_first_run_is_undisturbed_and_curates_as_a_lone_run(runs):
     assert lone["code"] == 0, lone["output"][-3000:]
     pd.testing.assert_frame_equal(first["curated"], lone["curated"])
     assert "taking over" not in first["output"]  # the failed run gave its lock back
+    assert "[ray] local instance started, 1 CPU;" in first["output"]  # the config's local_cpus
 
 
 # ---------------------------------------------------------------------------------------------
